@@ -1,0 +1,60 @@
+"""The artifact directory's layout and its manifest (``manifest.json``).
+
+A compiled directory holds::
+
+    manifest.json          what was done (this module's schema)
+    training_model.onnx    forward + loss + gradient graph (onnxruntime-training)
+    eval_model.onnx        forward + loss, inference statistics
+    optimizer_model.onnx   the optimizer step
+    checkpoint             trainable parameters (and later optimizer state)
+
+Manifest keys the runtime relies on (all others are informational)::
+
+    format               int, must equal gfcompiler.ARTIFACT_FORMAT
+    gfcompiler_version   str
+    files                {"training_model", "eval_model", "optimizer_model", "checkpoint"}: file names
+    inputs               [{"name", "shape": [int|null,...], "dtype"}]  model inputs (data)
+    outputs              [{"name", "shape", "dtype"}]                   model outputs (logits)
+    label                {"name", "shape", "dtype"}                     the eval/training label input
+    loss                 "cross_entropy" | "mse" | "bce" | "l1"
+    optimizer            {"name": "adamw"|"sgd", "momentum", "weight_decay",
+                          "lr_multiplier": float}   runtime lr = user lr * lr_multiplier
+    patch                int, 0 = exact backward
+    trainable_params     [str]   parameter names in the checkpoint
+    preprocess           {"resize": [H, W] | null, "mean": [...] | null, "std": [...] | null,
+                          "scale": float}  how raw images become model input (may be null)
+    file_digests         {file name: sha256}  to detect artifacts edited by hand
+
+Only the standard library is imported: the runtime reads manifests too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+FILES = {
+    "training_model": "training_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (Path(directory) / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(directory: Path) -> dict:
+    """Read ``manifest.json``; raises OSError / ValueError (callers turn these into ArtifactError)."""
+    return json.loads((Path(directory) / MANIFEST_NAME).read_text())

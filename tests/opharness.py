@@ -1,0 +1,40 @@
+"""Build the gradient-filter operator as a standalone ONNX model and run it through onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from gfcompiler.geometry import FilterGeometry
+from gfcompiler.passes import filter_ops
+
+
+def operator_model(geom: FilterGeometry, batch: int | None, needs_input_grad: bool = True) -> ir.Model:
+    """A model with inputs (dY, X, W) and outputs (X_sum, W_sum, dW, dB[, dX])."""
+    conv = geom.conv
+    n = batch if batch is not None else "N"
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    x = ir.Value(name="X", type=f32, shape=ir.Shape([n, conv.in_channels, conv.height, conv.width]))
+    w = ir.Value(name="W", type=f32, shape=ir.Shape(list(conv.weight_shape)))
+    dy = ir.Value(name="dY", type=f32, shape=ir.Shape([n, conv.out_channels, conv.out_height, conv.out_width]))
+    tape = ir.tape.Tape()
+    x_sum, w_sum = filter_ops.build_forward_summaries(tape, x, w, geom, "layer")
+    grads = filter_ops.build_filtered_backward(
+        tape, dy, x_sum, w_sum, geom, "layer", needs_input_grad=needs_input_grad, weight=w
+    )
+    outputs = [x_sum, w_sum, grads.weight_grad, grads.bias_grad]
+    if needs_input_grad:
+        outputs.append(grads.input_grad)
+    graph = ir.Graph(
+        inputs=[dy, x, w], outputs=outputs, nodes=tape.nodes, initializers=tape.initializers,
+        opset_imports={"": 17}, name="gradient_filter",
+    )
+    return ir.Model(graph, ir_version=8)
+
+
+def run_operator(geom: FilterGeometry, dy: np.ndarray, x: np.ndarray, w: np.ndarray, needs_input_grad: bool = True):
+    model = operator_model(geom, None, needs_input_grad)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    keys = ["X_sum", "W_sum", "dW", "dB", "dX"]
+    return dict(zip(keys, session.run(None, {"dY": dy, "X": x, "W": w})))
