@@ -1,0 +1,254 @@
+"""`compile_model`: ONNX CNN in, gradient-filtered training artifacts out.
+
+The stages, in order (each reported through ``progress``):
+
+1. load and normalize versions / input shapes (`gfcompiler.loading`);
+2. canonicalize (`gfcompiler.passes.canonicalize`) and infer shapes;
+3. select the trained layers (`gfcompiler.selection`) and rewrite ops without a
+   gradient in the trained region (`gfcompiler.passes.gradient_support`);
+4. generate onnxruntime-training artifacts (`gfcompiler.artifacts`);
+5. rewrite the trained convs' backward (`gfcompiler.passes.gradient_filter`) and
+   account the memory held for backward, exact vs filtered (`gfcompiler.memory`);
+6. check the artifacts load in onnxruntime, write the manifest, and move the
+   finished directory into place with one rename (`gfcompiler.outdir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx_ir as ir
+
+import gfcompiler
+from gfcompiler import artifacts, memory, outdir
+from gfcompiler.errors import InputError, UnsupportedModelError
+from gfcompiler.geometry import ConvShape, FilterGeometry
+from gfcompiler.layers import conv_shape
+from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model
+from gfcompiler.manifest import FILES, sha256_file, write_manifest
+from gfcompiler.passes.canonicalize import canonicalization_passes
+from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
+from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
+from gfcompiler.selection import Selection, parse_layers, select_layers
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    """Everything ``gfc compile`` takes besides the model and the output directory."""
+
+    layers: int | list[str] | str = 4
+    patch: int = 4  # 0: exact backward (the baseline)
+    loss: str = "cross_entropy"
+    optimizer: artifacts.OptimizerSpec = dataclasses.field(default_factory=artifacts.OptimizerSpec)
+    input_shapes: list[InputShape] = dataclasses.field(default_factory=list)
+    force: bool = False
+    force_forward_pooling: bool = True  # False only to demonstrate what the dependency buys
+    preprocess: dict | None = None
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def prepare_model(model_path: Path, options: CompileOptions, progress: Progress = _silent) -> tuple[ir.Model, Selection]:
+    """Stages 1–3: the canonical, shape-annotated model and its layer selection."""
+    progress(f"loading {model_path}")
+    model = load_model(Path(model_path), options.input_shapes)
+    progress("canonicalizing (constants, Dropout/Identity, BatchNorm folding)")
+    for canonical_pass in canonicalization_passes():
+        canonical_pass(model)
+    model = infer_shapes(model)
+    _require_spatial_sizes(model)
+    layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers
+    selection = select_layers(model.graph, layers)
+    DecomposeGradientlessOpsPass(list(selection.trained_region))(model)
+    # Node objects changed; recompute the selection on the rewritten graph.
+    selection = select_layers(model.graph, layers)
+    return model, selection
+
+
+def _require_spatial_sizes(model: ir.Model) -> None:
+    for value in data_inputs(model):
+        shape = value.shape
+        if shape is not None and len(shape) == 4 and not all(isinstance(d, int) for d in shape[1:]):
+            dims = ",".join(str(d) if isinstance(d, int) else "?" for d in shape)
+            raise InputError(
+                f"input {value.name!r} has dynamic dims ({dims}); the filter needs spatial sizes: "
+                f"pass --input-shape {value.name}=N,C,H,W"
+            )
+
+
+def _layer_geometries(selection: Selection, patch: int) -> tuple[dict[str, ConvShape | str], dict[str, FilterGeometry]]:
+    shapes = {conv.name: conv_shape(conv) for conv in selection.convs}
+    geometries: dict[str, FilterGeometry] = {}
+    if patch > 0:
+        for conv in selection.trained_convs:
+            shape = shapes[conv.name]
+            if isinstance(shape, ConvShape):
+                geometry = FilterGeometry(shape, patch)
+                if geometry.unsupported_reason() is None:
+                    geometries[conv.name] = geometry
+    return shapes, geometries
+
+
+def _check_patch(patch: int, selection: Selection, shapes: dict[str, ConvShape | str]) -> None:
+    if patch < 0:
+        raise InputError(f"--patch must be >= 0 (0 = exact backward), got {patch}")
+    sizes = [max(s.out_height, s.out_width) for c in selection.trained_convs if isinstance(s := shapes[c.name], ConvShape)]
+    if patch > 0 and sizes and patch > max(sizes):
+        raise InputError(f"--patch {patch} is larger than every trained layer's output map (largest side {max(sizes)})")
+
+
+def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, options: CompileOptions | None = None,
+                  progress: Progress = _silent) -> dict:
+    """Compile ``model_path`` into artifacts at ``output_dir``; returns the manifest.
+
+    Raises a `GfcError` subclass for anything the user can fix; nothing is left at
+    ``output_dir`` unless the whole compilation succeeded.
+    """
+    options = options or CompileOptions()
+    model_path, output_dir = Path(model_path), Path(output_dir)
+    outdir.check_writable_target(output_dir, options.force)
+    model, selection = prepare_model(model_path, options, progress)
+    shapes, geometries = _layer_geometries(selection, options.patch)
+    _check_patch(options.patch, selection, shapes)
+    with outdir.staging_directory(output_dir, force=options.force) as staging:
+        progress(f"generating training graph ({selection.rule}; {len(selection.trainable_params)} trainable tensors)")
+        artifacts.generate(ir.to_proto(model), selection.trainable_params, options.loss, options.optimizer, staging)
+        progress("rewriting the backward of trained convs" if geometries else "keeping the exact backward")
+        accounting = _rewrite_training_model(staging / FILES["training_model"], geometries, model, options)
+        progress("checking the artifacts load in onnxruntime")
+        outdir.check_loadable(staging)
+        manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, staging)
+        write_manifest(staging, manifest)
+    progress(f"wrote {output_dir}")
+    return manifest
+
+
+@dataclasses.dataclass
+class _Accounting:
+    batch: int
+    exact: memory.HeldTensors
+    emitted: memory.HeldTensors
+    input_grad_needed: dict[str, bool]
+
+
+def _known_shapes(model: ir.Model) -> dict[str, tuple]:
+    shapes = {}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.shape is not None:
+                shapes[value.name] = tuple(d if isinstance(d, int) else None for d in value.shape)
+    return shapes
+
+
+def _accounting_batch(model: ir.Model) -> int:
+    shape = data_inputs(model)[0].shape
+    return shape[0] if shape is not None and isinstance(shape[0], int) else 1
+
+
+def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], model: ir.Model,
+                            options: CompileOptions) -> _Accounting:
+    training = ir.load(os.fspath(path))
+    batch, shapes = _accounting_batch(model), _known_shapes(model)
+    conv_grads = {forward_conv_of(n).name: n for n in training.graph if is_conv_grad(n) and forward_conv_of(n) is not None}
+    input_grad_needed = {name: bool(node.outputs[0].uses()) for name, node in conv_grads.items()}
+    exact = memory.held_for_backward(training.graph, {name: {node} for name, node in conv_grads.items()}, batch, shapes)
+    if not geometries:
+        return _Accounting(batch, exact, exact, input_grad_needed)
+    rewrite = GradientFilterPass(geometries, force_forward_pooling=options.force_forward_pooling)
+    rewrite(training)
+    layer_nodes = {name: {node} for name, node in conv_grads.items() if name not in rewrite.rewritten}
+    layer_nodes.update({name: set(layer.backward_nodes) for name, layer in rewrite.rewritten.items()})
+    emitted = memory.held_for_backward(training.graph, layer_nodes, batch, shapes)
+    ir.save(training, os.fspath(path))
+    return _Accounting(batch, exact, emitted, input_grad_needed)
+
+
+def _layer_record(conv: ir.Node, selection: Selection, shape: ConvShape | str, geometry: FilterGeometry | None,
+                  accounting: _Accounting, patch: int) -> dict:
+    trained = selection.is_trained(conv)
+    record: dict = {"name": conv.name, "trained": trained}
+    if isinstance(shape, ConvShape):
+        record.update(
+            input_shape=[shape.batch, shape.in_channels, shape.height, shape.width],
+            output_shape=[shape.batch, shape.out_channels, shape.out_height, shape.out_width],
+            kernel=list(shape.kernel), strides=list(shape.strides), pads=list(shape.pads),
+            dilations=list(shape.dilations), group=shape.group,
+        )
+    if not trained:
+        record["backward"] = "none (frozen)"
+        return record
+    needs_dx = accounting.input_grad_needed.get(conv.name, True)
+    record["needs_input_grad"] = needs_dx
+    record["backward"] = "filtered" if geometry is not None else "exact"
+    if geometry is None:
+        if patch == 0:
+            record["reason"] = "--patch 0 (exact baseline)"
+        elif isinstance(shape, str):
+            record["reason"] = shape
+        else:
+            record["reason"] = FilterGeometry(shape, patch).unsupported_reason()
+    if isinstance(shape, ConvShape):
+        batch = accounting.batch
+        exact_macs = FilterGeometry(shape, max(patch, 1)).exact_backward_macs(batch, needs_dx)
+        record["backward_macs_exact"] = exact_macs
+        record["backward_macs"] = geometry.backward_macs(batch, needs_dx) if geometry is not None else exact_macs
+        if geometry is not None:
+            record["patches"] = list(geometry.patches)
+    record["held_bytes_exact"] = accounting.exact.per_layer.get(conv.name)
+    record["held_bytes"] = accounting.emitted.per_layer.get(conv.name)
+    record["held_tensors"] = accounting.emitted.per_layer_tensors.get(conv.name, [])
+    return record
+
+
+def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: dict, geometries: dict,
+              accounting: _Accounting, options: CompileOptions, staging: Path) -> dict:
+    layers = [
+        _layer_record(conv, selection, shapes[conv.name], geometries.get(conv.name), accounting, options.patch)
+        for conv in selection.convs
+    ]
+    eval_inputs = outdir.session_io(staging / FILES["eval_model"])
+    data_names = {value.name for value in data_inputs(model)}
+    label = [io for io in eval_inputs["inputs"] if io["name"] not in data_names and io["name"] not in selection.trainable_params]
+    trained = [layer for layer in layers if layer["trained"]]
+    return {
+        "format": gfcompiler.ARTIFACT_FORMAT,
+        "gfcompiler_version": gfcompiler.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": {"path": str(model_path), "sha256": sha256_file(model_path)},
+        "files": dict(FILES),
+        "inputs": [_io_record(value) for value in data_inputs(model)],
+        "outputs": [_io_record(value) for value in model.graph.outputs],
+        "label": label[0] if label else None,
+        "loss": options.loss,
+        "optimizer": options.optimizer.to_manifest(),
+        "patch": options.patch,
+        "selection": {"rule": selection.rule, "trained_convs": [c.name for c in selection.trained_convs]},
+        "trainable_params": list(selection.trainable_params),
+        "preprocess": options.preprocess,
+        "accounting_batch": accounting.batch,
+        "totals": {
+            "filtered_layers": sum(1 for layer in trained if layer["backward"] == "filtered"),
+            "trained_layers": len(trained),
+            "backward_macs_exact": sum(layer.get("backward_macs_exact", 0) for layer in trained),
+            "backward_macs": sum(layer.get("backward_macs", 0) for layer in trained),
+            "held_bytes_exact": accounting.exact.total_bytes,
+            "held_bytes": accounting.emitted.total_bytes,
+            "held_bytes_unknown": accounting.emitted.unknown,
+        },
+        "layers": layers,
+        "file_digests": {name: sha256_file(staging / name) for name in FILES.values()},
+    }
+
+
+def _io_record(value: ir.Value) -> dict:
+    shape = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
+    dtype = value.dtype.name.lower() if value.dtype is not None else None
+    return {"name": value.name, "shape": shape, "dtype": "float32" if dtype == "float" else dtype}

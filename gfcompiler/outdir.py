@@ -1,0 +1,127 @@
+"""The output directory: build aside, check, then appear at ``-o`` in one rename.
+
+Artifacts are written into a staging directory next to the target (same file system,
+so the final ``os.rename`` is atomic). On any failure, Ctrl-C or SIGTERM the staging
+directory is removed; a staging directory left by a killed process (SIGKILL) is
+hidden (``.<name>.partial-<pid>``) and removed by the next compile to the same target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from gfcompiler.errors import ArtifactError, OutputError
+from gfcompiler.manifest import FILES
+
+
+def check_writable_target(target: Path, force: bool) -> None:
+    """Refuse an output path that is a file, non-empty (without ``force``) or not writable."""
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise OutputError(f"{target}: exists and is not empty (use --force to replace it)")
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: parent directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: not writable")
+
+
+def _remove_stale_partials(target: Path) -> None:
+    prefix = f".{target.name}.partial-"
+    for entry in target.resolve().parent.glob(f"{prefix}*"):
+        pid = entry.name[len(prefix):]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM into SystemExit inside the block so cleanup code runs."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def staging_directory(target: Path, force: bool):
+    """Yield an empty staging directory; on success it replaces ``target`` atomically."""
+    target = Path(target)
+    _remove_stale_partials(target)
+    staging = target.resolve().parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+    except OSError as error:
+        raise OutputError(f"{staging.parent}: cannot create the output ({error.strerror})") from None
+    try:
+        with _sigterm_as_exit():
+            yield staging
+            _replace(staging, target, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace(staging: Path, target: Path, force: bool) -> None:
+    if target.exists():
+        if not target.is_dir() or (any(target.iterdir()) and not force):
+            raise OutputError(f"{target}: appeared while compiling; not overwritten")
+        old = target.resolve().parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def session_io(model_path: Path) -> dict:
+    """Input/output names, shapes and dtypes of a model as onnxruntime sees them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.fspath(model_path), providers=["CPUExecutionProvider"])
+
+    def record(arg) -> dict:
+        dtype = arg.type.replace("tensor(", "").rstrip(")")
+        dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
+        return {"name": arg.name, "shape": [d if isinstance(d, int) else None for d in arg.shape], "dtype": dtype}
+
+    return {"inputs": [record(a) for a in session.get_inputs()], "outputs": [record(a) for a in session.get_outputs()]}
+
+
+def check_loadable(directory: Path) -> None:
+    """Open the artifacts with onnxruntime's training API: we never emit what ORT refuses."""
+    from gfcompiler import ort_training
+
+    api = ort_training.api()
+    paths = {key: os.fspath(directory / name) for key, name in FILES.items()}
+    try:
+        state = api.CheckpointState.load_checkpoint(paths["checkpoint"])
+        module = api.Module(paths["training_model"], state, paths["eval_model"], device="cpu")
+        api.Optimizer(paths["optimizer_model"], module)
+    except Exception as error:  # onnxruntime raises its own exception types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ArtifactError(f"internal error: onnxruntime refuses the generated artifacts: {first[:300]}") from None

@@ -1,0 +1,1 @@
+"""Graph passes: canonicalization, gradient support rewrites, the gradient filter."""

@@ -1,0 +1,109 @@
+"""Rewrite ops that onnxruntime-training 1.19.2 cannot differentiate into ones it can.
+
+SPEC.md: no gradient builder exists for HardSwish, HardSigmoid, Elu, Softplus or Selu.
+Only nodes in the trained region (those whose backward is built) need rewriting;
+the frozen prefix keeps the original, faster ops. Each rule is exact:
+
+* ``HardSigmoid(x; α, β) = Clip(α·x + β, 0, 1)``
+* ``HardSwish(x) = x · Clip(x/6 + 1/2, 0, 1)``
+* ``Softplus(x) = Relu(x) + Log(1 + Exp(-|x|))``  (the stable form)
+* ``Elu(x; α) = Relu(x) + α·(Exp(min(x, 0)) − 1)``
+* ``Selu(x; α, γ) = γ·Elu(x; α)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+import numpy as np
+import onnx_ir as ir
+
+# Ops known to have no gradient builder in onnxruntime-training 1.19.2 (SPEC.md).
+NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu"})
+
+
+class _Builder:
+    """Emits nodes before ``anchor``, each named ``<anchor name>/<step>``."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node) -> None:
+        self.graph, self.anchor, self.prefix = graph, anchor, anchor.name or anchor.outputs[0].name
+
+    def op(self, op_type: str, inputs: list[ir.Value], step: str) -> ir.Value:
+        node = ir.node(op_type, inputs, name=f"{self.prefix}/{step}")
+        node.outputs[0].name = f"{self.prefix}/{step}"
+        self.graph.insert_before(self.anchor, node)
+        return node.outputs[0]
+
+    def scalar(self, step: str, value: float) -> ir.Value:
+        name = f"{self.prefix}/{step}"
+        tensor = ir.tensor(np.array(value, dtype=np.float32), name=name)
+        constant = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(constant)
+        return constant
+
+
+def _clip01(b: _Builder, x: ir.Value, alpha: float, beta: float) -> ir.Value:
+    affine = b.op("Add", [b.op("Mul", [x, b.scalar("alpha", alpha)], "scaled"), b.scalar("beta", beta)], "shifted")
+    return b.op("Clip", [affine, b.scalar("zero", 0.0), b.scalar("one", 1.0)], "hard_sigmoid")
+
+
+def _hard_sigmoid(b: _Builder, node: ir.Node) -> ir.Value:
+    attrs = node.attributes
+    return _clip01(b, node.inputs[0], attrs.get_float("alpha", 0.2), attrs.get_float("beta", 0.5))
+
+
+def _hard_swish(b: _Builder, node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    return b.op("Mul", [x, _clip01(b, x, 1.0 / 6.0, 0.5)], "hard_swish")
+
+
+def _softplus(b: _Builder, node: ir.Node) -> ir.Value:
+    x = node.inputs[0]
+    tail = b.op("Log", [b.op("Add", [b.scalar("one", 1.0), b.op("Exp", [b.op("Neg", [b.op("Abs", [x], "abs")], "neg_abs")], "exp")], "one_plus")], "log")
+    return b.op("Add", [b.op("Relu", [x], "relu"), tail], "softplus")
+
+
+def _elu_of(b: _Builder, x: ir.Value, alpha: float) -> ir.Value:
+    negative = b.op("Min", [x, b.scalar("zero", 0.0)], "negative_part")
+    expm1 = b.op("Sub", [b.op("Exp", [negative], "exp"), b.scalar("one", 1.0)], "expm1")
+    return b.op("Add", [b.op("Relu", [x], "relu"), b.op("Mul", [expm1, b.scalar("alpha", alpha)], "scaled_expm1")], "elu")
+
+
+def _elu(b: _Builder, node: ir.Node) -> ir.Value:
+    return _elu_of(b, node.inputs[0], node.attributes.get_float("alpha", 1.0))
+
+
+def _selu(b: _Builder, node: ir.Node) -> ir.Value:
+    attrs = node.attributes
+    elu = _elu_of(b, node.inputs[0], attrs.get_float("alpha", 1.67326319217681884765625))
+    return b.op("Mul", [elu, b.scalar("gamma", attrs.get_float("gamma", 1.05070102214813232421875))], "selu")
+
+
+RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish,
+    "Softplus": _softplus,
+    "Elu": _elu,
+    "Selu": _selu,
+}
+
+
+class DecomposeGradientlessOpsPass(ir.passes.InPlacePass):
+    """Replace each no-gradient op among ``nodes`` by the equivalent ops of `RULES`."""
+
+    def __init__(self, nodes: Collection[ir.Node]) -> None:
+        super().__init__()
+        self.nodes = nodes
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in list(self.nodes):
+            rule = RULES.get(node.op_type)
+            if rule is None or node.domain not in ("", "ai.onnx"):
+                continue
+            replacement = rule(_Builder(model.graph, node), node)
+            replacement.name = node.outputs[0].name
+            node.outputs[0].replace_all_uses_with(replacement, replace_graph_outputs=True)
+            model.graph.remove(node, safe=True)
+            modified = True
+        return ir.passes.PassResult(model, modified)
