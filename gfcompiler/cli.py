@@ -1,0 +1,160 @@
+"""The ``gfc`` command line.
+
+Every command returns an exit code; a `GfcError` is printed as one line on stderr
+(``gfc: error: ...``) and exits with its code (see `gfcompiler.errors`), with no
+traceback unless ``--debug``. Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from gfcompiler import __version__
+from gfcompiler.errors import EXIT_CODES, EXIT_INTERRUPTED, GfcError
+
+SELECTION_HELP = """\
+Layer selection: --layers N trains the last N Conv nodes in the graph's node order
+(ONNX nodes are topologically sorted and exporters list them in forward order, so
+this matches "the last N layers" of the source model); --layers a,b names Conv nodes;
+--layers all trains every conv. The weights and biases of those convs and every
+parameter downstream of them (the head: Conv, Gemm, MatMul weights and biases) are
+trainable; everything else is frozen and gets no backward. BatchNorm is folded into
+the preceding conv (or frozen as a constant affine) and never uses batch statistics.
+"""
+
+EXIT_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+
+
+def _stage(message: str) -> None:
+    print(f"gfc: {message}", file=sys.stderr, flush=True)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from gfcompiler.artifacts import OptimizerSpec
+    from gfcompiler.driver import CompileOptions, compile_model
+    from gfcompiler.inspect import render_summary
+    from gfcompiler.loading import InputShape
+
+    options = CompileOptions(
+        layers=args.layers,
+        patch=args.patch,
+        loss=args.loss,
+        optimizer=OptimizerSpec(name=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay),
+        input_shapes=[InputShape.parse(text) for text in args.input_shape],
+        force=args.force,
+        force_forward_pooling=not args.no_forward_pooling,
+    )
+    manifest = compile_model(args.model, args.output, options, progress=(lambda _: None) if args.quiet else _stage)
+    if not args.quiet:
+        print(render_summary(manifest))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from gfcompiler import inspect
+
+    return inspect.run(args)
+
+
+def _compile_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compile",
+        help="compile an ONNX CNN into gradient-filtered training artifacts",
+        description="Compile an ONNX CNN into onnxruntime-training artifacts whose trained convs use gradient filtering.\n\n" + SELECTION_HELP,
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="input .onnx model (external data files next to it)")
+    parser.add_argument("-o", "--output", required=True, help="output directory (created; must not exist or be empty)")
+    parser.add_argument("--layers", default="4", help="last N convs, 'all', or comma-separated Conv node names (default 4)")
+    parser.add_argument("--patch", type=int, default=4, help="patch size r (2, 4, 7 in the paper); 0 = exact backward baseline (default 4)")
+    parser.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "l1"], default="cross_entropy")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default 0.01 for adamw (decoupled), 0 for sgd (coupled)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
+                        help="fix an input's shape (N may stay dynamic: N or ?); repeatable")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--no-forward-pooling", action="store_true",
+                        help=argparse.SUPPRESS)  # diagnostics only: shows the memory the scheduling fix saves
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    parser.set_defaults(handler=_cmd_compile)
+
+
+def _inspect_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show what the compiler did (per-layer table, one layer's gradient subgraph, DOT export)",
+        description="Show the conv layers of compiled artifacts (or of a model, compiled in memory).",
+        epilog=EXIT_HELP,
+    )
+    parser.add_argument("target", help="an artifacts directory, or an .onnx model")
+    parser.add_argument("--layer", help="print the backward subgraph of this conv")
+    parser.add_argument("--dot", metavar="FILE", help="with --layer: also write that subgraph as Graphviz DOT")
+    parser.add_argument("--json", action="store_true", help="print the manifest's layer records as JSON")
+    parser.add_argument("--layers", default="4", help="for a model: as in compile")
+    parser.add_argument("--patch", type=int, default=4, help="for a model: as in compile")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W")
+    parser.set_defaults(handler=_cmd_inspect)
+
+
+def _demo_parser(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="the whole story on built-in real data (no arguments needed)",
+                                   add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        from gfcompiler import demo
+
+        return demo.main(args.rest)
+
+    parser.set_defaults(handler=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gfc", description="gradient-filtering training compiler for ONNX CNNs", epilog=EXIT_HELP)
+    parser.add_argument("--version", action="version", version=f"gfcompiler {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _compile_parser(subparsers)
+    _inspect_parser(subparsers)
+    try:
+        from gfcompiler.runtime.cli import add_commands
+    except ImportError:
+        add_commands = None
+    if add_commands is not None:
+        add_commands(subparsers)
+    try:
+        from gfcompiler.bench import add_command as add_bench
+    except ImportError:
+        add_bench = None
+    if add_bench is not None:
+        add_bench(subparsers)
+    _demo_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except GfcError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"gfc: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("gfc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: say so in one line, details under --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"gfc: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
