@@ -165,7 +165,8 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
     rewrite = GradientFilterPass(geometries, force_forward_pooling=options.force_forward_pooling)
     rewrite(training)
     layer_nodes = {name: {node} for name, node in conv_grads.items() if name not in rewrite.rewritten}
-    layer_nodes.update({name: set(layer.backward_nodes) for name, layer in rewrite.rewritten.items()})
+    # A layer's summary nodes count too: without the forward dependency they run lazily, in the backward.
+    layer_nodes.update({name: set(layer.backward_nodes) | set(layer.forward_nodes) for name, layer in rewrite.rewritten.items()})
     emitted = memory.held_for_backward(training.graph, layer_nodes, batch, shapes)
     ir.save(training, os.fspath(path))
     return _Accounting(batch, exact, emitted, input_grad_needed)
