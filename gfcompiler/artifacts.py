@@ -16,6 +16,7 @@ knows it.
 from __future__ import annotations
 
 import contextlib
+import re
 import dataclasses
 import os
 import tempfile
@@ -128,6 +129,13 @@ def captured_native_stderr():
 def _gradient_failure(log: str, error: Exception) -> UnsupportedModelError:
     """Turn a gradient-building failure into a message naming the op when we can find it."""
     text = f"{error}\n{log}"
+    missing = re.search(r"has not been registered: (\w+) for node (\S+)", text)
+    if missing:
+        op, node = missing.groups()
+        return UnsupportedModelError(
+            f"onnxruntime-training has no gradient for op {op} (node {node}) in the trained part; "
+            "train fewer layers (--layers) so it stays frozen"
+        )
     for line in text.splitlines():
         if "GetGradientForOp" in line or "gradient" in line.lower() and "not" in line.lower():
             return UnsupportedModelError(f"onnxruntime-training cannot differentiate the trained part: {line.strip()[-200:]}")

@@ -102,7 +102,9 @@ def session_io(model_path: Path) -> dict:
     """Input/output names, shapes and dtypes of a model as onnxruntime sees them."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(os.fspath(model_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
 
     def record(arg) -> dict:
         dtype = arg.type.replace("tensor(", "").rstrip(")")
@@ -116,12 +118,16 @@ def check_loadable(directory: Path) -> None:
     """Open the artifacts with onnxruntime's training API: we never emit what ORT refuses."""
     from gfcompiler import ort_training
 
+    import onnxruntime as ort
+
     api = ort_training.api()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
     paths = {key: os.fspath(directory / name) for key, name in FILES.items()}
     try:
         state = api.CheckpointState.load_checkpoint(paths["checkpoint"])
-        module = api.Module(paths["training_model"], state, paths["eval_model"], device="cpu")
+        module = api.Module(paths["training_model"], state, paths["eval_model"], device="cpu", session_options=options)
         api.Optimizer(paths["optimizer_model"], module)
     except Exception as error:  # onnxruntime raises its own exception types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ArtifactError(f"internal error: onnxruntime refuses the generated artifacts: {first[:300]}") from None
+        raise ArtifactError(f"internal error: onnxruntime refuses the generated artifacts: {first[-400:]}") from None

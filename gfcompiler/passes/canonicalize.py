@@ -188,8 +188,8 @@ def canonicalization_passes() -> tuple[ir.passes.PassBase, ...]:
         RemoveDropoutPass(),
         FoldBatchNormIntoConvPass(),
         BatchNormToAffinePass(),
-        common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveInitializersFromInputsPass(),
+        common_passes.RemoveUnusedNodesPass(),
         common_passes.NameFixPass(),
         common_passes.TopologicalSortPass(),
     )

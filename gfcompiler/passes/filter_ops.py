@@ -79,8 +79,12 @@ def _pool_pads(begin: tuple[int, int], end: tuple[int, int]) -> list[int]:
 def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefix: str) -> ir.Value:
     """SPEC forward step 4: ``X_sum = SumPool(X)`` over (qh, qw) windows with centered padding.
 
-    Negative paddings (windows that start inside X) become a ``Slice``; paddings the
-    pooling op cannot take (one window's worth or more) become an explicit ``Pad``.
+    Negative paddings (windows that start inside X) become a ``Slice``. Windows lying
+    wholly in the padding (a padding of a window's size or more, which the pooling op
+    refuses) sum to zero: they are left out of the pooling and added back as zero
+    cells by a ``Pad`` of the small ``X_sum``. Padding X itself instead would be a
+    ``Pad`` → ``AveragePool`` pair that onnxruntime's PadFusion merges back into one
+    pooling with an invalid padding.
     """
     e = _Emitter(tape, prefix)
     qh, qw = geom.input_patch
@@ -91,16 +95,20 @@ def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefi
         x = e.op("Slice", [x, e.ints("crop_starts", starts), e.ints("crop_ends", ends), e.ints("crop_axes", [2, 3])], "X_cropped")
         begin = (max(begin[0], 0), max(begin[1], 0))
         end = (max(end[0], 0), max(end[1], 0))
-    if max(begin[0], end[0]) >= qh or max(begin[1], end[1]) >= qw:
-        pads = [0, 0, begin[0], begin[1], 0, 0, end[0], end[1]]
-        x = e.op("Pad", [x, e.ints("X_pads", pads)], "X_padded")
-        begin, end = (0, 0), (0, 0)
+    empty_begin = (begin[0] // qh, begin[1] // qw)  # windows wholly in the padding
+    empty_end = (end[0] // qh, end[1] // qw)
+    begin = (begin[0] - empty_begin[0] * qh, begin[1] - empty_begin[1] * qw)
+    end = (end[0] - empty_end[0] * qh, end[1] - empty_end[1] * qw)
     pooled = e.op(
         "AveragePool", [x], "X_mean",
         kernel_shape=[qh, qw], strides=[qh, qw], pads=_pool_pads(begin, end), count_include_pad=1,
     )
     area = e.const("window_area", np.array(float(qh * qw), dtype=np.float32))
-    return e.op("Mul", [pooled, area], "X_sum")
+    if max(*empty_begin, *empty_end) == 0:
+        return e.op("Mul", [pooled, area], "X_sum")
+    x_sum = e.op("Mul", [pooled, area], "X_sum_covered")
+    pads = [0, 0, empty_begin[0], empty_begin[1], 0, 0, empty_end[0], empty_end[1]]
+    return e.op("Pad", [x_sum, e.ints("empty_window_pads", pads)], "X_sum")
 
 
 def build_weight_sum(tape: ir.tape.Tape, w: ir.Value, prefix: str) -> ir.Value:
@@ -128,20 +136,39 @@ def _average_grad_output(e: _Emitter, dy: ir.Value, geom: FilterGeometry) -> ir.
     )
 
 
+def _batch_ones(e: _Emitter, like: ir.Value, batch: int | None) -> ir.Value:
+    """A 1×N row of ones (N = the batch), a constant when the batch is static."""
+    if batch is not None:
+        return e.const("batch_ones", np.ones((1, batch), np.float32))
+    shape = e.op("Shape", [like], "batch_shape")
+    n = e.op("Slice", [shape, e.ints("batch_start", [0]), e.ints("batch_end", [1])], "batch_size")
+    row_shape = e.op("Concat", [e.ints("one", [1]), n], "batch_ones_shape", axis=0)
+    return e.op("ConstantOfShape", [row_shape], "batch_ones", value=ir.tensor(np.ones(1, np.float32)))
+
+
 def _weight_sum_grad(e: _Emitter, dy_avg: ir.Value, x_sum: ir.Value, geom: FilterGeometry) -> ir.Value:
-    """Backward steps 3–4: dW_sum = Σ_{n,p} dY_avg ⊗ X_sum, block-diagonal over groups; Co×(Ci/g)."""
+    """Backward steps 3–4: dW_sum = Σ_{n,p} dY_avg ⊗ X_sum, block-diagonal over groups; Co×(Ci/g).
+
+    One batched ``MatMul`` per sample and group (N×g×cog×cig), then the batch is summed
+    by a second ``MatMul`` with a 1×N ones row (``ReduceSum`` over the batch axis is
+    5–20× slower in ORT CPU); with a static batch of 1 there is nothing to sum.
+    """
     conv = geom.conv
     g, cog, cig = conv.group, conv.out_per_group, conv.in_per_group
+    dw_sum_shape = e.ints("dW_sum_shape", [conv.out_channels, cig])
     if cog == 1 and cig == 1:
         product = e.op("Mul", [dy_avg, x_sum], "dY_avg_x_X_sum")
         summed = e.op("ReduceSum", [product, e.ints("dW_sum_axes", [0, 2, 3])], "dW_sum_flat", keepdims=0)
-        return e.op("Reshape", [summed, e.ints("dW_sum_shape", [conv.out_channels, cig])], "dW_sum")
+        return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
     dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_groups_shape", [0, g, cog, -1])], "dY_avg_groups")
     x_groups = e.op("Reshape", [x_sum, e.ints("X_groups_shape", [0, g, cig, -1])], "X_sum_groups")
     x_groups_t = e.op("Transpose", [x_groups], "X_sum_groups_T", perm=[0, 1, 3, 2])
     per_sample = e.op("MatMul", [dy_groups, x_groups_t], "dW_sum_per_sample")  # N×g×cog×cig
-    summed = e.op("ReduceSum", [per_sample, e.ints("batch_axis", [0])], "dW_sum_groups", keepdims=0)
-    return e.op("Reshape", [summed, e.ints("dW_sum_shape", [conv.out_channels, cig])], "dW_sum")
+    if conv.batch == 1:
+        return e.op("Reshape", [per_sample, dw_sum_shape], "dW_sum")
+    flat = e.op("Reshape", [per_sample, e.ints("per_sample_flat_shape", [0, -1])], "dW_sum_per_sample_flat")
+    summed = e.op("MatMul", [_batch_ones(e, dy_avg, conv.batch), flat], "dW_sum_row")  # 1×(Co·cig)
+    return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
 
 
 def _broadcast_weight_grad(e: _Emitter, dw_sum: ir.Value, geom: FilterGeometry) -> ir.Value:
@@ -155,26 +182,49 @@ def _broadcast_weight_grad(e: _Emitter, dw_sum: ir.Value, geom: FilterGeometry) 
     return e.op("Reshape", [taps, e.ints("dW_shape", list(conv.weight_shape))], "dW")
 
 
+DX_SMALL = "conv"
+
+
 def _small_input_grad(
     e: _Emitter, dy_avg: ir.Value, w_sum: ir.Value, w: ir.Value | None, geom: FilterGeometry
 ) -> ir.Value:
-    """Backward steps 3, 4 and 8 as one ConvTranspose (the transposed conv *is* the input gradient)."""
+    """Backward steps 3, 4 and 8: dX on the patch grid."""
     conv = geom.conv
+    g, cog, cig = conv.group, conv.out_per_group, conv.in_per_group
     if geom.uses_dilated_kernel:
         if w is None:
             raise ValueError("the dilated rule (SPEC.md step 8) needs the full kernel")
         d = geom.reduced_dilation
         return e.op("ConvTranspose", [dy_avg, w], "dX_small", group=conv.group, dilations=[d, d], pads=[d, d, d, d])
-    return e.op("ConvTranspose", [dy_avg, w_sum], "dX_small", group=conv.group)
+    if cog == 1 and cig == 1:
+        scale = e.op("Reshape", [w_sum, e.ints("W_sum_channel_shape", [conv.in_channels, 1, 1])], "W_sum_channel")
+        return e.op("Mul", [dy_avg, scale], "dX_small")
+    if DX_SMALL == "convT":
+        return e.op("ConvTranspose", [dy_avg, w_sum], "dX_small", group=conv.group)
+    if g == 1:
+        w_t = e.op("Transpose", [w_sum], "W_sum_T", perm=[1, 0, 2, 3])
+    else:
+        blocks = e.op("Reshape", [w_sum, e.ints("W_sum_blocks_shape", [g, cog, cig])], "W_sum_blocks")
+        blocks_t = e.op("Transpose", [blocks], "W_sum_blocks_T", perm=[0, 2, 1])
+        w_t = e.op("Reshape", [blocks_t, e.ints("W_sum_T_shape", [conv.in_channels, cog, 1, 1])], "W_sum_T")
+    if DX_SMALL == "conv":
+        return e.op("Conv", [dy_avg, w_t], "dX_small", group=g)
+    # MatMul: (g, cig, cog) @ (N, g, cog, P)
+    w_m = e.op("Reshape", [w_t, e.ints("W_sum_T_mat_shape", [g, cig, cog])], "W_sum_T_mat")
+    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_groups_shape2", [0, g, cog, -1])], "dY_avg_groups2")
+    prod = e.op("MatMul", [w_m, dy_groups], "dX_small_groups")
+    ph, pw = geom.patches
+    return e.op("Reshape", [prod, e.ints("dX_small_shape", [0, conv.in_channels, ph, pw])], "dX_small")
 
 
 def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) -> ir.Value:
-    """Backward step 6: nearest upsampling by (qh, qw) cropped to H×W, built row/column-wise.
+    """Backward step 6: nearest upsampling by (qh, qw) cropped to H×W, columns first, rows last.
 
-    Rows: a ``Gather`` on the row axis picks, for each output row, its patch row (whole
-    contiguous rows are copied). Columns: each value is repeated qw times by a ``MatMul``
-    with a 1×qw ones row, then the crop is a ``Slice``. Rows or columns that no window
-    covered (negative padding) get zero gradient through a final ``Pad``.
+    Columns: each value of the small map is repeated qw times by a ``MatMul`` with a
+    1×qw ones row, and a ``Slice`` crops the columns. Rows: a ``Gather`` on the row axis
+    picks, for each output row, its patch row; it is the op that writes the full-size
+    dX, copying whole contiguous rows. Rows or columns that no window covered
+    (negative padding) get zero gradient through a final ``Pad``.
     """
     conv = geom.conv
     (qh, qw), (ph, pw) = geom.input_patch, geom.patches
@@ -182,24 +232,25 @@ def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) ->
     # Output rows i in [row0, row1) lie in patch row (i + bh) // qh; the rest are uncovered.
     row0, row1 = max(0, -bh), min(conv.height, ph * qh - bh)
     col0, col1 = max(0, -bw), min(conv.width, pw * qw - bw)
-    row_index = (np.arange(row0, row1) + bh) // qh
-    rows = e.op("Gather", [dx_small, e.ints("row_patch_index", row_index)], "dX_rows", axis=2)
-    if qw == 1:
-        cols = rows
-    else:
-        column = e.op("Unsqueeze", [rows, e.ints("last_axis", [-1])], "dX_rows_column")
+    cols = dx_small
+    if qw > 1:
+        column = e.op("Unsqueeze", [cols, e.ints("last_axis", [-1])], "dX_small_column")
         repeated = e.op("MatMul", [column, e.const("col_ones", np.ones((1, qw), np.float32))], "dX_cols_repeated")
         cols = e.op("Reshape", [repeated, e.ints("dX_wide_shape", [0, 0, 0, -1])], "dX_wide")
     first_col = col0 + bw  # column offset inside the (pw·qw)-wide upsampled map
     if (first_col, col1 - col0) != (0, pw * qw):
         cols = e.op(
             "Slice", [cols, e.ints("col_start", [first_col]), e.ints("col_end", [first_col + col1 - col0]), e.ints("col_axis", [3])],
-            "dX_cropped",
+            "dX_cols_cropped",
         )
+    row_index = (np.arange(row0, row1) + bh) // qh
+    rows = cols
+    if not np.array_equal(row_index, np.arange(ph)):
+        rows = e.op("Gather", [cols, e.ints("row_patch_index", row_index)], "dX_rows", axis=2)
     if (row0, col0, row1, col1) != (0, 0, conv.height, conv.width):
         pads = [0, 0, row0, col0, 0, 0, conv.height - row1, conv.width - col1]
-        cols = e.op("Pad", [cols, e.ints("uncovered_pads", pads)], "dX_padded")
-    return cols
+        rows = e.op("Pad", [rows, e.ints("uncovered_pads", pads)], "dX_padded")
+    return rows
 
 
 def build_filtered_backward(

@@ -9,6 +9,7 @@ the frozen prefix keeps the original, faster ops. Each rule is exact:
 * ``Softplus(x) = Relu(x) + Log(1 + Exp(-|x|))``  (the stable form)
 * ``Elu(x; α) = Relu(x) + α·(Exp(min(x, 0)) − 1)``
 * ``Selu(x; α, γ) = γ·Elu(x; α)``
+* ``Sum(a, b, c, ...) = ((a + b) + c) + ...``  (old Caffe2 exports use variadic Sum for residuals)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 # Ops known to have no gradient builder in onnxruntime-training 1.19.2 (SPEC.md).
-NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu"})
+NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu", "Sum"})
 
 
 class _Builder:
@@ -79,12 +80,22 @@ def _selu(b: _Builder, node: ir.Node) -> ir.Value:
     return b.op("Mul", [elu, b.scalar("gamma", attrs.get_float("gamma", 1.05070102214813232421875))], "selu")
 
 
+def _sum(b: _Builder, node: ir.Node) -> ir.Value:
+    total = node.inputs[0]
+    for index, term in enumerate(node.inputs[1:], start=1):
+        total = b.op("Add", [total, term], f"partial_sum_{index}")
+    if total is node.inputs[0]:
+        total = b.op("Identity", [total], "single_term")
+    return total
+
+
 RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
     "Softplus": _softplus,
     "Elu": _elu,
     "Selu": _selu,
+    "Sum": _sum,
 }
 
 

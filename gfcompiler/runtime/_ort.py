@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import types
 
@@ -69,3 +70,13 @@ def training_api() -> types.ModuleType:
         return ort_training.api()
     except ort_training.TrainingBuildMissing as error:
         raise TrainingError(str(error)) from None
+
+
+_ORT_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", re.DOTALL)
+
+
+def error_message(error: BaseException) -> str:
+    """onnxruntime's exception text without its source-location prefix, on one line."""
+    text = _ORT_PREFIX.sub("", str(error)).strip()
+    text = " ".join(text.split())
+    return text or type(error).__name__

@@ -1,0 +1,184 @@
+"""``gfc train``, ``gfc eval`` and ``gfc export``.
+
+`add_commands` registers the three sub-commands on the top-level CLI's argparse
+sub-parsers; each sets ``handler`` (a function ``(args) -> exit code``). Handlers raise
+GfcError subclasses for problems a user can fix; the top-level CLI prints those as one
+line and exits with their code. Modules that import onnxruntime are imported inside
+the handlers, so registering the commands costs nothing.
+
+``main`` runs these three commands alone (``python -m gfcompiler.runtime.cli``), with the
+same error handling, for devices where only the runtime is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gfcompiler.errors import EXIT_INTERRUPTED, GfcError
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when it really works, else CPU; default: auto)"
+
+
+def add_commands(subparsers) -> None:
+    """Register ``train``, ``eval`` and ``export`` on an argparse sub-parsers object."""
+    train = subparsers.add_parser(
+        "train",
+        help="fine-tune compiled artifacts on data",
+        description="Train the compiled model on data; checkpoints and metrics.jsonl go to the run directory.",
+    )
+    _artifacts_argument(train)
+    train.add_argument("--data", required=True, help="a .npz (x, y), an image folder (one sub-folder per class) or builtin:digits[/train|/test], builtin:mnist[...]")
+    train.add_argument("--val-data", help="data evaluated after every epoch (same forms as --data)")
+    train.add_argument("--epochs", type=int, help="total epochs (default 5; with --resume: the stored value)")
+    train.add_argument("--batch-size", type=int, help="batch size (default 32, or the model's fixed batch)")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    train.add_argument("--schedule", choices=("constant", "warmup", "linear", "cosine"), help="learning-rate schedule (default constant)")
+    train.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of the steps; 0 for constant)")
+    train.add_argument("--seed", type=int, help="shuffling seed (default 0)")
+    train.add_argument("--drop-last", action="store_true", default=None, help="drop each epoch's last partial batch")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="discard the run directory's checkpoint and start over")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    _session_arguments(train)
+    _preprocess_arguments(train)
+    train.set_defaults(handler=run_train)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="evaluate the trained (or initial) model on data",
+        description="Loss and accuracy of the run directory's checkpoint (or, with --initial, the compiled weights).",
+    )
+    _artifacts_argument(evaluate)
+    evaluate.add_argument("--data", required=True, help="same forms as gfc train --data")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    evaluate.add_argument("--initial", action="store_true", help="evaluate the compiled weights, not the trained ones")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    _session_arguments(evaluate)
+    _preprocess_arguments(evaluate)
+    evaluate.set_defaults(handler=run_eval)
+
+    export = subparsers.add_parser(
+        "export",
+        help="write a plain inference ONNX model with the trained weights",
+        description="Export the eval model without its loss, with the trained weights, verified against the runtime.",
+    )
+    _artifacts_argument(export)
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--initial", action="store_true", help="export the compiled weights, not the trained ones")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
+    _session_arguments(export, device=False)
+    export.set_defaults(handler=run_export)
+
+
+def _artifacts_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifacts", help="the directory written by gfc compile")
+
+
+def _session_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+        parser.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
+    parser.add_argument("--run-dir", help="checkpoints and metrics (default: ARTIFACTS/run)")
+
+
+def _preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image preprocessing (default: manifest.json's, else resize to the model input and scale by 1/255)")
+    group.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="resize images to H×W")
+    group.add_argument("--scale", type=float, help="multiply pixel values (0–255) by this")
+    group.add_argument("--mean", type=float, nargs="+", help="per-channel mean subtracted after scaling")
+    group.add_argument("--std", type=float, nargs="+", help="per-channel std divided by after the mean")
+
+
+def _preprocess(args, artifacts):
+    from gfcompiler.runtime.data import Preprocess
+
+    return Preprocess.for_model(artifacts, resize=args.resize, scale=args.scale, mean=args.mean, std=args.std)
+
+
+def _checkpoint(args, artifacts):
+    """(checkpoint path or None, description) for eval / export."""
+    from gfcompiler.runtime.checkpoints import RunDir, default_run_dir
+
+    if args.initial:
+        return None, "the compiled initial weights"
+    runs = RunDir(args.run_dir or default_run_dir(artifacts), artifacts)
+    record = runs.latest()
+    if record is None:
+        return None, f"the compiled initial weights (no checkpoint in {runs.path})"
+    return record.path, f"checkpoint {record.describe()}"
+
+
+def run_train(args) -> int:
+    from gfcompiler.runtime.artifacts import open_artifacts
+    from gfcompiler.runtime.loop import train
+    from gfcompiler.runtime.progress import Progress
+
+    artifacts = open_artifacts(args.artifacts)
+    progress = Progress(enabled=not args.quiet)
+    result = train(
+        artifacts, args.data, val=args.val_data, run_dir=args.run_dir, resume=args.resume,
+        overwrite=args.overwrite, device=args.device, threads=args.threads,
+        preprocess=_preprocess(args, artifacts), progress=progress,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, seed=args.seed, drop_last=args.drop_last,
+    )
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    where = result.checkpoint.path if result.checkpoint else "(not saved)"
+    progress.message(f"done at step {result.position.global_step}; checkpoint {where}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from gfcompiler.runtime.artifacts import open_artifacts
+    from gfcompiler.runtime.data import load_dataset
+    from gfcompiler.runtime.trainer import Trainer
+
+    artifacts = open_artifacts(args.artifacts)
+    checkpoint, weights = _checkpoint(args, artifacts)
+    dataset = load_dataset(args.data, artifacts, _preprocess(args, artifacts))
+    trainer = Trainer(artifacts, args.device, threads=args.threads, checkpoint=checkpoint)
+    result = trainer.evaluate(dataset, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({**result, "data": dataset.source, "weights": weights, "device": trainer.device.ort_device}))
+        return 0
+    accuracy = f", accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
+    print(f"loss {result['loss']:.4f}{accuracy} on {result['samples']} samples of {dataset.source}")
+    print(f"weights: {weights}; device: {trainer.device.describe()}", file=sys.stderr)
+    return 0
+
+
+def run_export(args) -> int:
+    from gfcompiler.runtime.artifacts import open_artifacts
+    from gfcompiler.runtime.trainer import Trainer
+
+    artifacts = open_artifacts(args.artifacts)
+    checkpoint, weights = _checkpoint(args, artifacts)
+    trainer = Trainer(artifacts, "cpu", checkpoint=checkpoint)
+    path = trainer.export(args.output, overwrite=args.force)
+    print(f"wrote {path} ({weights}); verified against the runtime's eval outputs")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The three runtime commands on their own, with the top-level CLI's error handling."""
+    parser = argparse.ArgumentParser(prog="gfc-runtime", description="Train, evaluate and export gfcompiler artifacts.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except GfcError as error:
+        if args.debug:
+            raise
+        print(f"gfc {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"gfc {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Export a plain inference model with the trained weights.
+
+onnxruntime-training's ``Module.export_model_for_inferencing`` takes the eval model,
+keeps the nodes that produce the requested outputs (the logits, not the loss, so the
+label input disappears) and writes the current parameters into it as initializers; no
+onnx package is needed. The model is written to a temporary file beside the target,
+loaded by a plain ``InferenceSession`` on CPU, checked to take only the data input and
+to reproduce the runtime's eval outputs on a fixed batch, and only then moved into place
+with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from gfcompiler.errors import ArtifactError, OutputError, TrainingError
+from gfcompiler.runtime._ort import error_message, onnxruntime
+from gfcompiler.runtime.trainer import numpy_loss
+
+RTOL = 1e-4
+ATOL = 1e-5
+_PROBE_BATCH = 4
+_PROBE_SIZE = 32  # spatial size used for dynamic spatial dimensions
+
+
+def export_inference_model(trainer, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
+    """Write ``trainer``'s model with its current weights to ``path`` (atomic, verified)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"export target {path} is a directory; name an .onnx file")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; pass --force to replace it")
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {path.parent} does not exist")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    try:
+        try:
+            trainer.module.export_model_for_inferencing(temporary, [trainer.artifacts.output.name])
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
+            if not os.access(path.parent, os.W_OK):
+                raise OutputError(f"cannot write {path}: permission denied") from None
+            raise TrainingError(f"onnxruntime could not export the inference model: {error_message(error)}") from None
+        if verify:
+            verify_export(trainer, temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def probe_batch(trainer) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed pseudo-random batch (x, labels) shaped like the model's input and labels."""
+    a = trainer.artifacts
+    rng = np.random.default_rng(0)
+    batch = a.fixed_batch or _PROBE_BATCH
+    shape = [batch] + [d if d is not None else _PROBE_SIZE for d in a.input.shape[1:]]
+    x = rng.standard_normal(shape).astype(np.float32)
+    if a.num_classes is not None:
+        return x, rng.integers(0, a.num_classes, batch).astype(np.int64)
+    label_shape = [batch] + [d if d is not None else 1 for d in a.label.shape[1:]]
+    return x, rng.random(label_shape).astype(np.float32)
+
+
+def verify_export(trainer, model_path: Path) -> float:
+    """Load ``model_path`` in a plain InferenceSession and compare with the trainer; returns max |diff|."""
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001
+        raise ArtifactError(f"the exported model does not load in onnxruntime: {error_message(error)}") from None
+    input_names = [i.name for i in session.get_inputs()]
+    if input_names != [trainer.artifacts.input.name]:
+        raise ArtifactError(
+            f"the exported model takes inputs {input_names}, expected only {trainer.artifacts.input.name!r}"
+        )
+    x, labels = probe_batch(trainer)
+    (exported,) = session.run([trainer.artifacts.output.name], {input_names[0]: x})
+    eval_loss, expected = trainer.eval_batch(x, labels)
+    difference = float(np.max(np.abs(exported - expected))) if exported.size else 0.0
+    if exported.shape != expected.shape or not np.allclose(exported, expected, rtol=RTOL, atol=ATOL):
+        raise ArtifactError(
+            f"the exported model's outputs differ from the runtime's eval outputs (max |diff| {difference:.3g})"
+        )
+    # Independent of how the runtime got its outputs: the eval model's own loss must follow
+    # from the exported outputs.
+    exported_loss = numpy_loss(trainer.artifacts.loss, exported, labels)
+    if not np.isclose(exported_loss, eval_loss, rtol=1e-3, atol=1e-4):
+        raise ArtifactError(
+            f"the exported model's outputs give loss {exported_loss:.6g}, the eval model {eval_loss:.6g}"
+        )
+    return difference

@@ -1,0 +1,359 @@
+"""The training loop: epochs of shuffled batches, a learning-rate schedule, checkpoints.
+
+`fit` runs epochs on a `Trainer` from a `Position` (where a previous run stopped) and
+saves a checkpoint at every epoch end and on Ctrl-C; `train` is what ``gfc train`` does
+around it: open the artifacts and the data, pick the device, start fresh or resume from
+the run directory's checkpoint.
+
+Resuming reproduces the uninterrupted run: the batches of an epoch are a function of
+(seed, epoch) (gfcompiler.runtime.data.epoch_batches), the learning rate a function of the
+global step (gfcompiler.runtime.schedule), the checkpoint holds the optimizer state, and
+the position records the batch to continue from and the running sums of the epoch in
+progress. Ctrl-C is deferred to the end of the running step so that the checkpoint is
+always taken between two steps; a second Ctrl-C aborts at once.
+
+A NaN or infinite loss stops training with a TrainingError before the bad update; the
+last checkpoint saved (the previous epoch end) stays the current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from gfcompiler.errors import InputError, OutputError, TrainingError
+from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
+from gfcompiler.runtime.checkpoints import CheckpointRecord, RunDir, default_run_dir
+from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
+from gfcompiler.runtime.progress import MetricsLog, Progress, status_line
+from gfcompiler.runtime.schedule import LRSchedule
+from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What defines a run; stored in every checkpoint and reused on ``--resume``."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int | None = None
+    seed: int = 0
+    drop_last: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def checked(self, artifacts: Artifacts, samples: int, progress: Progress) -> TrainConfig:
+        """Validated against the model and data; a fixed-batch model drops its last partial batch."""
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        config = self
+        fixed = artifacts.fixed_batch
+        if fixed is not None:
+            if self.batch_size != fixed:
+                raise InputError(
+                    f"the model was compiled for batch size {fixed}: pass --batch-size {fixed} "
+                    "or recompile it with a dynamic batch"
+                )
+            if samples % fixed and not self.drop_last:
+                progress.message(
+                    f"note: the model has a fixed batch of {fixed}: the last {samples % fixed} "
+                    "samples of each shuffled epoch are dropped"
+                )
+            config = dataclasses.replace(self, drop_last=True)
+        if steps_per_epoch(samples, config.batch_size, config.drop_last) == 0:
+            raise InputError(f"{samples} samples make no full batch of {config.batch_size}")
+        LRSchedule.create(config.schedule, config.lr, 1, config.warmup_steps)  # validates
+        return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where training stands: ``epoch`` in progress (0-based), next ``batch`` in it, and the
+    running sums of that epoch. ``batch == 0`` means ``epoch`` epochs are complete."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    correct: int = 0
+    counted: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Position:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclasses.dataclass
+class FitResult:
+    position: Position
+    history: list[dict]  # one record per completed epoch
+    interrupted: bool = False
+    checkpoint: CheckpointRecord | None = None
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+StepCallback = Callable[[Position, float], None]
+
+
+def fit(
+    trainer: Trainer,
+    train: Dataset,
+    config: TrainConfig,
+    *,
+    val: Dataset | None = None,
+    run_dir: RunDir | None = None,
+    start: Position | None = None,
+    progress: Progress | None = None,
+    metrics: MetricsLog | None = None,
+    on_step: StepCallback | None = None,
+    handle_sigint: bool = True,
+) -> FitResult:
+    """Train from ``start`` to ``config.epochs``; checkpoints go to ``run_dir`` when given."""
+    progress = progress or Progress(enabled=False)
+    metrics = metrics or MetricsLog(None, "")
+    config = config.checked(trainer.artifacts, len(train), progress)
+    batches = steps_per_epoch(len(train), config.batch_size, config.drop_last)
+    schedule = LRSchedule.create(config.schedule, config.lr, config.epochs * batches, config.warmup_steps)
+    position = start or Position()
+    history: list[dict] = []
+    checkpoint = None
+    classify = trainer.artifacts.loss == "cross_entropy"
+    fingerprint = train.fingerprint()
+
+    def save(at: Position) -> CheckpointRecord | None:
+        if run_dir is None:
+            return None
+        training = {"config": config.to_dict(), "position": at.to_dict(),
+                    "data": {"source": train.source, "samples": len(train), "fingerprint": fingerprint}}
+        return run_dir.save(trainer.state, training)
+
+    with _DeferredInterrupt(progress, enabled=handle_sigint) as interrupt:
+        for epoch in range(position.epoch, config.epochs):
+            started, timed_steps, timed_samples, step_seconds = time.perf_counter(), 0, 0, 0.0
+            lr = schedule(position.global_step)
+            for batch, indices in epoch_batches(
+                len(train), config.batch_size, seed=config.seed, epoch=epoch,
+                drop_last=config.drop_last, start=position.batch if position.epoch == epoch else 0,
+            ):
+                lr = schedule(position.global_step)
+                t0 = time.perf_counter()
+                try:
+                    result = trainer.train_step(train.x[indices], train.y[indices], lr=lr)
+                except NonFiniteLoss as error:
+                    metrics.write("stopped", reason="non-finite loss", loss=error.loss, epoch=epoch + 1,
+                                  step=position.global_step + 1, lr=lr)
+                    progress.close()
+                    raise TrainingError(_non_finite_message(error.loss, epoch, position, lr, checkpoint, run_dir)) from None
+                step_seconds += time.perf_counter() - t0
+                timed_steps += 1
+                timed_samples += len(indices)
+                correct = counted = 0
+                if classify and result.outputs is not None:
+                    correct = int((result.outputs.argmax(axis=-1) == train.y[indices]).sum())
+                    counted = len(indices)
+                position = Position(
+                    epoch, batch + 1, position.global_step + 1, position.loss_sum + result.loss * len(indices),
+                    position.seen + len(indices), position.correct + correct, position.counted + counted,
+                )
+                progress.update(status_line(
+                    epoch + 1, config.epochs, batch + 1, batches, position.loss_sum / position.seen,
+                    position.correct / position.counted if position.counted else None,
+                    timed_samples / max(step_seconds, 1e-9),
+                ))
+                if on_step is not None:
+                    on_step(position, result.loss)
+                if interrupt.requested and batch + 1 < batches:
+                    checkpoint = save(position) or checkpoint
+                    metrics.write("interrupted", epoch=epoch + 1, batch=batch + 1, step=position.global_step)
+                    progress.message(_interrupted_message(position, checkpoint))
+                    return FitResult(position, history, interrupted=True, checkpoint=checkpoint)
+            record = {
+                "epoch": epoch + 1,
+                "step": position.global_step,
+                "loss": position.loss_sum / max(position.seen, 1),
+                "accuracy": position.correct / position.counted if position.counted else None,
+                "lr": lr,
+                "samples_per_s": timed_samples / max(step_seconds, 1e-9),
+                "step_ms": 1000 * step_seconds / max(timed_steps, 1),
+                "seconds": time.perf_counter() - started,
+            }
+            if val is not None:
+                evaluation = trainer.evaluate(val, batch_size=max(config.batch_size, 256))
+                record["val_loss"] = evaluation["loss"]
+                record["val_accuracy"] = evaluation.get("accuracy")
+            position = Position(epoch + 1, 0, position.global_step)
+            history.append(record)
+            checkpoint = save(position) or checkpoint
+            metrics.write("epoch", **record)
+            progress.update(status_line(epoch + 1, config.epochs, batches, batches, record["loss"],
+                                        record["accuracy"], record["samples_per_s"]), force=True)
+            progress.message(_epoch_message(record))
+            if interrupt.requested:
+                metrics.write("interrupted", epoch=epoch + 1, batch=0, step=position.global_step)
+                progress.message(_interrupted_message(position, checkpoint))
+                return FitResult(position, history, interrupted=True, checkpoint=checkpoint)
+    progress.close()
+    return FitResult(position, history, checkpoint=checkpoint)
+
+
+def _epoch_message(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}: loss {record['loss']:.4f}"]
+    if record.get("accuracy") is not None:
+        parts.append(f"acc {100 * record['accuracy']:.1f}%")
+    if "val_loss" in record:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+        if record.get("val_accuracy") is not None:
+            parts.append(f"val acc {100 * record['val_accuracy']:.1f}%")
+    parts.append(f"{record['samples_per_s']:.0f} samples/s")
+    return ", ".join(parts)
+
+
+def _interrupted_message(position: Position, checkpoint: CheckpointRecord | None) -> str:
+    if checkpoint is None:
+        return f"interrupted at step {position.global_step} (no run directory: nothing saved)"
+    return f"interrupted at step {position.global_step}; checkpoint saved to {checkpoint.path}: continue with --resume"
+
+
+def _non_finite_message(loss: float, epoch: int, position: Position, lr: float,
+                        checkpoint: CheckpointRecord | None, run_dir: RunDir | None) -> str:
+    where = f"the loss became {loss} at epoch {epoch + 1}, step {position.global_step + 1} (lr {lr:.3g}); training stopped"
+    if checkpoint is not None:
+        kept = f"the last good checkpoint is {checkpoint.path}"
+    elif run_dir is not None and run_dir.has_checkpoint():
+        kept = f"the checkpoint in {run_dir.path} from before this run is kept"
+    else:
+        kept = "no checkpoint was saved"
+    return f"{where}; {kept}; try a lower --lr or check the data"
+
+
+class _DeferredInterrupt:
+    """Within the block, a first Ctrl-C only sets ``requested``; a second raises KeyboardInterrupt."""
+
+    def __init__(self, progress: Progress, enabled: bool = True):
+        self.progress = progress
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.progress.message("stopping after this step to save a checkpoint (Ctrl-C again to abort)")
+
+
+def train(
+    artifacts: str | Path | Artifacts,
+    data: str | Path | Dataset,
+    *,
+    val: str | Path | Dataset | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    preprocess: Preprocess | None = None,
+    progress: Progress | None = None,
+    on_step: StepCallback | None = None,
+    handle_sigint: bool = True,
+    **config_values,
+) -> FitResult:
+    """What ``gfc train`` does; ``config_values`` are TrainConfig fields given explicitly."""
+    progress = progress or Progress()
+    artifacts = artifacts if isinstance(artifacts, Artifacts) else open_artifacts(artifacts)
+    unknown = set(config_values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"unknown training options {sorted(unknown)}")
+    config_values = {k: v for k, v in config_values.items() if v is not None}
+    runs = RunDir(run_dir if run_dir is not None else default_run_dir(artifacts), artifacts)
+    record = _starting_record(runs, resume, overwrite)  # checks only; --overwrite clears below
+    if record is None:
+        if artifacts.fixed_batch is not None:
+            config_values.setdefault("batch_size", artifacts.fixed_batch)
+        config, start = TrainConfig(**config_values), Position()
+    else:
+        config, start = _resumed_config(record, config_values, progress), Position.from_dict(record.training["position"])
+    train_set = data if isinstance(data, Dataset) else load_dataset(data, artifacts, preprocess)
+    val_set = val if val is None or isinstance(val, Dataset) else load_dataset(val, artifacts, preprocess)
+    if record is not None and record.training.get("data", {}).get("fingerprint") not in (None, train_set.fingerprint()):
+        progress.message(f"warning: resuming on other data than the checkpoint was trained on ({train_set.source})")
+    if start.epoch >= config.epochs:
+        raise InputError(
+            f"nothing to train: the checkpoint has completed {start.epoch} of {config.epochs} epochs "
+            "(pass a larger --epochs to train on)"
+        )
+    config.checked(artifacts, len(train_set), Progress(enabled=False))  # refuse before touching anything
+    trainer = Trainer(artifacts, device, threads=threads, checkpoint=record.path if record else None)
+    if record is None and overwrite:
+        runs.clear()
+    progress.message(f"device: {trainer.device.describe()}")
+    progress.message(
+        f"training {len(train_set)} samples from {train_set.source}, {config.epochs} epochs of batch "
+        f"{config.batch_size}, lr {config.lr:g} ({config.schedule})"
+        + (f", resuming from {record.describe()}" if record else "")
+    )
+    metrics = MetricsLog(runs.metrics_path, uuid.uuid4().hex[:12])
+    metrics.write("start", config=config.to_dict(), device=trainer.device.describe(), resumed=record is not None,
+                  data=train_set.source, samples=len(train_set), artifacts=str(artifacts.directory))
+    result = fit(trainer, train_set, config, val=val_set, run_dir=runs, start=start, progress=progress,
+                 metrics=metrics, on_step=on_step, handle_sigint=handle_sigint)
+    if not result.interrupted:
+        metrics.write("end", step=result.position.global_step, **{k: v for k, v in result.last.items() if k != "step"})
+    return result
+
+
+def _starting_record(runs: RunDir, resume: bool, overwrite: bool) -> CheckpointRecord | None:
+    if resume:
+        record = runs.latest()
+        if record is None:
+            raise InputError(f"--resume: {runs.path} holds no checkpoint to resume")
+        return record
+    if runs.has_checkpoint() and not overwrite:
+        raise OutputError(
+            f"{runs.path} already holds a checkpoint: pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    return None
+
+
+def _resumed_config(record: CheckpointRecord, given: dict, progress: Progress) -> TrainConfig:
+    stored = TrainConfig.from_dict(record.training.get("config", {}))
+    changed = {k: v for k, v in given.items() if getattr(stored, k) != v}
+    for key, value in changed.items():
+        progress.message(f"resume: {key} changes from {getattr(stored, key)} to {value}")
+    if set(changed) - {"epochs"}:
+        progress.message("note: the resumed run will not equal an uninterrupted run with the old settings")
+    return dataclasses.replace(stored, **changed)

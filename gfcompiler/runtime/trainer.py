@@ -1,0 +1,320 @@
+"""`Trainer`: one training session on a compiled artifact directory.
+
+    from gfcompiler.runtime import Trainer
+    trainer = Trainer("out/", device="auto")
+    loss = trainer.step(x, y)          # forward, backward, optimizer step
+    logits = trainer.predict(x)
+    trainer.evaluate(dataset)          # {"loss", "accuracy", "samples"}
+    trainer.export("finetuned.onnx")   # plain inference model, verified
+
+It wraps onnxruntime-training's Module / Optimizer / CheckpointState (through
+gfcompiler.runtime._ort, so neither torch nor onnx is imported) and adds what they
+leave to the caller: the manifest's learning-rate multiplier, non-finite loss
+detection, labels for the eval model, and errors a user can act on. Epochs, schedules
+and checkpoints are gfcompiler.runtime.loop's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gfcompiler.errors import ArtifactError, InputError, TrainingError
+from gfcompiler.runtime import device as devices
+from gfcompiler.runtime._ort import error_message, onnxruntime, training_api
+from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss of a step was NaN or infinite; the parameters were not updated."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"the loss became {loss}")
+        self.loss = loss
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    loss: float
+    outputs: np.ndarray | None  # the model output (logits) when the training model returns it
+
+
+class Trainer:
+    """Train, evaluate and export the model of an artifact directory.
+
+    ``checkpoint``: an onnxruntime checkpoint to start from (default: the compiled
+    initial one). ``lr``: the learning rate ``step`` uses unless given one.
+    """
+
+    def __init__(
+        self,
+        artifacts: str | Path | Artifacts,
+        device: str = "cpu",
+        *,
+        threads: int | None = None,
+        checkpoint: str | Path | None = None,
+        lr: float = 1e-3,
+        verify: bool = True,
+    ):
+        self.artifacts = artifacts if isinstance(artifacts, Artifacts) else open_artifacts(artifacts, verify=verify)
+        self.device = device if isinstance(device, devices.Device) else devices.select_device(device)
+        self.threads = threads
+        self.lr = lr
+        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else self.artifacts.path("checkpoint")
+        self.steps_taken = 0
+        self._api = training_api()
+        self.state = self._load_state()
+        self._options = devices.session_options(threads)
+        self.module, self.optimizer = self._create_sessions()
+        self._applied_lr: float | None = None
+        self._inference: tuple[int, object] | None = None
+        self._train_io = self._io_positions(training=True)
+        self._eval_io = self._io_positions(training=False)
+
+    # ------------------------------------------------------------ set-up
+
+    def _load_state(self):
+        try:
+            state = self._api.CheckpointState.load_checkpoint(self.checkpoint_path)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
+            raise ArtifactError(
+                f"cannot load checkpoint {self.checkpoint_path}: corrupted or not an onnxruntime "
+                f"checkpoint ({error_message(error)})"
+            ) from None
+        names = {name for name, _ in state.parameters}
+        missing = [name for name in self.artifacts.trainable_params if name not in names]
+        if missing:
+            raise ArtifactError(
+                f"checkpoint {self.checkpoint_path} lacks trainable parameter(s) {', '.join(missing[:3])} "
+                "listed in manifest.json: it belongs to another model"
+            )
+        return state
+
+    def _create_sessions(self):
+        a = self.artifacts
+        try:
+            module = self._api.Module(
+                a.path("training_model"),
+                self.state,
+                a.path("eval_model"),
+                device=self.device.ort_device,
+                session_options=self._options,
+            )
+            optimizer = self._api.Optimizer(a.path("optimizer_model"), module)
+        except Exception as error:  # noqa: BLE001
+            message = error_message(error)
+            if self.device.kind == "cuda":
+                raise TrainingError(f"cannot start training on {self.device.ort_device}: {message}") from None
+            raise ArtifactError(f"onnxruntime cannot load the artifacts in {a.directory}: {message}") from None
+        return module, optimizer
+
+    def _io_positions(self, training: bool) -> tuple[list[str], int, int | None]:
+        """(input order, loss output index, model output index or None) of one session."""
+        self.module.train(training)
+        inputs = list(self.module.input_names())
+        outputs = list(self.module.output_names())
+        self.module.train(True)
+        expected = {self.artifacts.input.name, self.artifacts.label.name}
+        if set(inputs) != expected:
+            kind = "training" if training else "eval"
+            raise ArtifactError(
+                f"the {kind} model takes inputs {inputs}, manifest.json says {sorted(expected)}: recompile the model"
+            )
+        model_output = self.artifacts.output.name
+        output_index = outputs.index(model_output) if model_output in outputs else None
+        loss_index = next(i for i, name in enumerate(outputs) if name != model_output)
+        return inputs, loss_index, output_index
+
+    # ------------------------------------------------------------ training
+
+    @property
+    def lr_multiplier(self) -> float:
+        return self.artifacts.lr_multiplier
+
+    def set_lr(self, lr: float) -> None:
+        """Set the user learning rate (the optimizer gets ``lr * lr_multiplier``)."""
+        if lr != self._applied_lr:
+            self.optimizer.set_learning_rate(float(lr) * self.lr_multiplier)
+            self._applied_lr = lr
+
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
+        """One training step on a batch; returns the loss before the update."""
+        return self.train_step(x, y, lr).loss
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
+        """Forward, backward and optimizer step; NonFiniteLoss (no update) on a NaN/Inf loss."""
+        self.set_lr(self.lr if lr is None else lr)
+        names, loss_index, output_index = self._train_io
+        fetches = self._run(names, x, y, training=True)
+        loss = float(fetches[loss_index])
+        if not math.isfinite(loss):
+            self.module.lazy_reset_grad()
+            raise NonFiniteLoss(loss)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        self.steps_taken += 1
+        return StepResult(loss, fetches[output_index] if output_index is not None else None)
+
+    def _run(self, names: list[str], x: np.ndarray, y: np.ndarray, training: bool) -> tuple[np.ndarray, ...]:
+        feeds = {self.artifacts.input.name: self._check_x(x), self.artifacts.label.name: self._check_y(y, len(x))}
+        self.module.train(training)
+        try:
+            fetches = self.module(*(feeds[name] for name in names))
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
+            kind = "training" if training else "eval"
+            raise TrainingError(f"the {kind} step failed on {self.device.ort_device}: {error_message(error)}") from None
+        finally:
+            self.module.train(True)
+        return fetches if isinstance(fetches, tuple) else (fetches,)
+
+    def _check_x(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        spec = self.artifacts.input
+        fits = x.ndim == len(spec.shape) and all(w is None or g == w for g, w in zip(x.shape, spec.shape))
+        if not fits or x.dtype.kind != "f":
+            raise InputError(f"a batch x of {_shape(x)} {x.dtype} does not fit the model input {spec.describe()}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _check_y(self, y, n: int) -> np.ndarray:
+        y = np.asarray(y)
+        spec = self.artifacts.label
+        integer = spec.dtype.startswith("int")
+        fits = y.ndim == len(spec.shape) and len(y) == n and all(
+            w is None or g == w for g, w in zip(y.shape[1:], spec.shape[1:])
+        )
+        if not fits or (integer and y.dtype.kind not in "iu") or y.dtype.kind not in "iuf":
+            raise InputError(
+                f"a batch y of {_shape(y)} {y.dtype} does not fit the model's labels {spec.describe()} "
+                f"for {n} samples"
+            )
+        return np.ascontiguousarray(y, dtype=np.int64 if integer else np.float32)
+
+    # ------------------------------------------------------------ evaluation
+
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, model output) of the eval model on one batch; no parameter changes."""
+        names, loss_index, output_index = self._eval_io
+        fetches = self._run(names, x, y, training=False)
+        outputs = fetches[output_index] if output_index is not None else self._inference_outputs(x)
+        return float(fetches[loss_index]), outputs
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The model output (logits) for ``x``; labels are not needed."""
+        parts = []
+        for chunk, count in self._chunks(np.asarray(x), batch_size):
+            if self._eval_io[2] is None:
+                outputs = self._inference_outputs(chunk)
+            else:
+                outputs = self.eval_batch(chunk, self._dummy_labels(len(chunk)))[1]
+            parts.append(outputs[:count])
+        return np.concatenate(parts)
+
+    def _inference_outputs(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs through an exported inference session, for eval models without them.
+
+        Artifacts whose eval model returns only the loss (onnxruntime's default) still give
+        predictions: the current weights are exported to a temporary file, loaded in an
+        InferenceSession, and the session is reused until the next training step.
+        """
+        if self._inference is None or self._inference[0] != self.steps_taken:
+            ort = onnxruntime()
+            with tempfile.TemporaryDirectory(prefix="gfc-inference-") as scratch:
+                path = Path(scratch) / "model.onnx"
+                try:
+                    self.module.export_model_for_inferencing(path, [self.artifacts.output.name])
+                    session = ort.InferenceSession(str(path), self._options, providers=self.device.providers)
+                except Exception as error:  # noqa: BLE001
+                    raise ArtifactError(
+                        f"the eval model does not output {self.artifacts.output.name!r} and exporting it "
+                        f"failed: {error_message(error)}"
+                    ) from None
+            self._inference = (self.steps_taken, session)
+        session = self._inference[1]
+        return session.run([self.artifacts.output.name], {self.artifacts.input.name: self._check_x(x)})[0]
+
+    def evaluate(self, data, batch_size: int = 256) -> dict:
+        """Mean loss, accuracy (classification) and sample count over a Dataset or (x, y)."""
+        x, y = (data.x, data.y) if hasattr(data, "x") else data
+        size = self.fixed_batch or batch_size
+        total_loss, correct, seen = 0.0, 0, 0
+        for start in range(0, len(x), size):
+            xb, yb = x[start : start + size], y[start : start + size]
+            count = len(xb)
+            if self.fixed_batch and count < self.fixed_batch:
+                xb, yb = _pad(xb, size), _pad(yb, size)
+            loss, outputs = self.eval_batch(xb, yb)
+            if count < len(xb):  # padded: the model's mean loss would include the padding
+                loss = numpy_loss(self.artifacts.loss, outputs[:count], yb[:count])
+            total_loss += loss * count
+            seen += count
+            if self.artifacts.loss == "cross_entropy":
+                correct += int((outputs[:count].argmax(axis=-1) == yb[:count]).sum())
+        result = {"loss": total_loss / max(seen, 1), "samples": seen}
+        if self.artifacts.loss == "cross_entropy":
+            result["accuracy"] = correct / max(seen, 1)
+        return result
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.artifacts.fixed_batch
+
+    def _chunks(self, x: np.ndarray, batch_size: int):
+        size = self.fixed_batch or batch_size
+        for start in range(0, len(x), size):
+            chunk = x[start : start + size]
+            yield (_pad(chunk, size) if self.fixed_batch else chunk), len(chunk)
+
+    def _dummy_labels(self, n: int) -> np.ndarray:
+        label = self.artifacts.label
+        shape = [n] + [d if d is not None else 1 for d in label.shape[1:]]
+        return np.zeros(shape, dtype=np.int64 if label.dtype.startswith("int") else np.float32)
+
+    # ------------------------------------------------------------ state
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter in the checkpoint state (trainable and frozen)."""
+        return {name: np.array(parameter.data) for name, parameter in self.state.parameters}
+
+    def export(self, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
+        """Write a plain inference model with the current weights; see gfcompiler.runtime.export."""
+        from gfcompiler.runtime.export import export_inference_model
+
+        return export_inference_model(self, path, overwrite=overwrite, verify=verify)
+
+    def fit(self, train, config=None, **kwargs):
+        """Epochs of training over a Dataset; see gfcompiler.runtime.loop.fit."""
+        from gfcompiler.runtime.loop import TrainConfig, fit
+
+        return fit(self, train, config or TrainConfig(), **kwargs)
+
+
+def numpy_loss(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
+    """The mean loss of ``outputs`` against ``labels`` as the compiled loss computes it."""
+    out = outputs.astype(np.float64)
+    if loss == "cross_entropy":
+        peak = out.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(out - peak).sum(axis=-1)) + peak[:, 0]
+        return float(np.mean(log_z - out[np.arange(len(out)), labels.astype(np.int64)]))
+    target = labels.astype(np.float64).reshape(out.shape)
+    if loss == "mse":
+        return float(np.mean((out - target) ** 2))
+    if loss == "l1":
+        return float(np.mean(np.abs(out - target)))
+    if loss == "bce":
+        return float(np.mean(np.maximum(out, 0) - out * target + np.log1p(np.exp(-np.abs(out)))))
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    if len(a) >= size:
+        return a
+    padding = np.zeros((size - len(a), *a.shape[1:]), dtype=a.dtype)
+    return np.concatenate([a, padding])
+
+
+def _shape(a: np.ndarray) -> str:
+    return "×".join(str(d) for d in np.shape(a))
