@@ -17,7 +17,8 @@ from gfcompiler.errors import EXIT_CODES, EXIT_INTERRUPTED, GfcError
 SELECTION_HELP = """\
 Layer selection: --layers N trains the last N Conv nodes in the graph's node order
 (ONNX nodes are topologically sorted and exporters list them in forward order, so
-this matches "the last N layers" of the source model); --layers a,b names Conv nodes;
+this matches "the last N layers" of the source model; default 4, or every conv of a
+smaller model); --layers a,b names Conv nodes;
 --layers all trains every conv. The weights and biases of those convs and every
 parameter downstream of them (the head: Conv, Gemm, MatMul weights and biases) are
 trainable; everything else is frozen and gets no backward. BatchNorm is folded into
@@ -68,7 +69,7 @@ def _compile_parser(subparsers) -> None:
     )
     parser.add_argument("model", help="input .onnx model (external data files next to it)")
     parser.add_argument("-o", "--output", required=True, help="output directory (created; must not exist or be empty)")
-    parser.add_argument("--layers", default="4", help="last N convs, 'all', or comma-separated Conv node names (default 4)")
+    parser.add_argument("--layers", default=None, help="last N convs, 'all', or comma-separated Conv node names (default: last 4)")
     parser.add_argument("--patch", type=int, default=4, help="patch size r (2, 4, 7 in the paper); 0 = exact backward baseline (default 4)")
     parser.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "l1"], default="cross_entropy")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
@@ -94,7 +95,7 @@ def _inspect_parser(subparsers) -> None:
     parser.add_argument("--layer", help="print the backward subgraph of this conv")
     parser.add_argument("--dot", metavar="FILE", help="with --layer: also write that subgraph as Graphviz DOT")
     parser.add_argument("--json", action="store_true", help="print the manifest's layer records as JSON")
-    parser.add_argument("--layers", default="4", help="for a model: as in compile")
+    parser.add_argument("--layers", default=None, help="for a model: as in compile")
     parser.add_argument("--patch", type=int, default=4, help="for a model: as in compile")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W")
     parser.set_defaults(handler=_cmd_inspect)

@@ -42,7 +42,7 @@ Progress = Callable[[str], None]
 class CompileOptions:
     """Everything ``gfc compile`` takes besides the model and the output directory."""
 
-    layers: int | list[str] | str = 4
+    layers: int | list[str] | str | None = None  # None: the last 4 convs (fewer if the model has fewer)
     patch: int = 4  # 0: exact backward (the baseline)
     loss: str = "cross_entropy"
     optimizer: artifacts.OptimizerSpec = dataclasses.field(default_factory=artifacts.OptimizerSpec)
@@ -65,7 +65,7 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
         canonical_pass(model)
     model = infer_shapes(model)
     _require_spatial_sizes(model)
-    layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers
+    layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers  # None: default
     selection = select_layers(model.graph, layers)
     DecomposeGradientlessOpsPass(list(selection.trained_region))(model)
     # Node objects changed; recompute the selection on the rewritten graph.

@@ -6,6 +6,7 @@ The rule (stated in ``gfc compile --help`` and the README):
   topologically sorted and exporters list them in forward order, so this is
   deterministic and matches "the last N layers" of the source model.
 * ``--layers name1,name2``: exactly those Conv nodes. ``--layers all``: every Conv.
+  Without ``--layers``: the last 4 convs (all of them in a model with fewer).
 * Trainable parameters: the weight and bias of each selected conv, plus every
   parameter of a node downstream of a selected conv (the head): Conv/ConvTranspose
   weights and biases, Gemm B and C, MatMul constant operands and the constant bias of
@@ -74,9 +75,15 @@ def parse_layers(text: str) -> int | list[str] | str:
     return count
 
 
-def _choose_convs(convs: list[ir.Node], layers: int | list[str] | str) -> tuple[list[ir.Node], str]:
+DEFAULT_LAYERS = 4
+
+
+def _choose_convs(convs: list[ir.Node], layers: int | list[str] | str | None) -> tuple[list[ir.Node], str]:
     if not convs:
         raise UnsupportedModelError("model has no Conv node: nothing for gradient filtering to train")
+    if layers is None:  # the default: the last 4 convs, or all of them in a smaller model
+        count = min(DEFAULT_LAYERS, len(convs))
+        return convs[-count:], f"last {count} of {len(convs)} Conv nodes in graph order (default)"
     if layers == "all":
         return list(convs), f"all {len(convs)} Conv nodes"
     if isinstance(layers, int):
@@ -114,7 +121,7 @@ def _is_float_initializer(value: ir.Value | None) -> bool:
     )
 
 
-def select_layers(graph: ir.Graph, layers: int | list[str] | str) -> Selection:
+def select_layers(graph: ir.Graph, layers: int | list[str] | str | None) -> Selection:
     """Apply the selection rule of the module docstring."""
     convs = conv_nodes(graph)
     trained, rule = _choose_convs(convs, layers)
