@@ -28,12 +28,12 @@ from gfcompiler import artifacts, memory, outdir
 from gfcompiler.errors import InputError, UnsupportedModelError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
-from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model
+from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model, measure_unknown_conv_inputs
 from gfcompiler.manifest import FILES, sha256_file, write_manifest
 from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
-from gfcompiler.selection import Selection, parse_layers, select_layers
+from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
 
 Progress = Callable[[str], None]
 
@@ -65,10 +65,12 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
         canonical_pass(model)
     model = infer_shapes(model)
     _require_spatial_sizes(model)
+    measure_unknown_conv_inputs(model)
     layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers  # None: default
     selection = select_layers(model.graph, layers)
+    untie_frozen_uses(model.graph, selection)
     DecomposeGradientlessOpsPass(list(selection.trained_region))(model)
-    # Node objects changed; recompute the selection on the rewritten graph.
+    # Nodes and parameters changed; recompute the selection on the rewritten graph.
     selection = select_layers(model.graph, layers)
     return model, selection
 

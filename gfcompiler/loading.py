@@ -176,14 +176,86 @@ def check_float_weights(model: ir.Model) -> None:
                 raise UnsupportedModelError(f"Conv {node.name!r} has {dtype.name} weights: only float32 models can be trained")
 
 
-def infer_shapes(model: ir.Model) -> ir.Model:
-    """Run onnx shape inference (strict about nothing, with data propagation)."""
-    proto = ir.serde.serialize_model(model)
+def _inferred_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as error:
         raise UnsupportedModelError(f"shape inference failed: {_first_line(error)}") from None
-    return ir.serde.deserialize_model(inferred)
+
+
+def _with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    initializers = {init.name for init in probe.graph.initializer}
+    for value in probe.graph.input:
+        if value.name not in initializers and value.type.tensor_type.shape.dim:
+            first = value.type.tensor_type.shape.dim[0]
+            if not first.HasField("dim_value"):
+                first.dim_value = 1
+    return probe
+
+
+def infer_shapes(model: ir.Model) -> ir.Model:
+    """Run onnx shape inference with data propagation; keep the batch dynamic.
+
+    Shape arithmetic with a symbolic batch (a channel shuffle's ``Reshape`` built from
+    ``Shape``/``Gather``/``Concat``) loses every dimension. A second inference with the
+    batch fixed to 1 recovers the non-batch dimensions, which are copied into values
+    whose own inference left them unknown.
+    """
+    proto = ir.serde.serialize_model(model)
+    inferred = ir.serde.deserialize_model(_inferred_proto(proto))
+    probe = ir.serde.deserialize_model(_inferred_proto(_with_batch_one(proto)))
+    probe_shapes = {value.name: value.shape for node in probe.graph for value in node.outputs if value.shape is not None}
+    for node in inferred.graph:
+        for value in node.outputs:
+            known, shape = probe_shapes.get(value.name), value.shape
+            # Only activations: same rank, a symbolic leading (batch) dim, some other dim unknown.
+            if known is None or shape is None or len(shape) != len(known) or len(shape) < 2:
+                continue
+            if isinstance(shape[0], int) or all(isinstance(d, int) for d in shape[1:]):
+                continue
+            value.shape = ir.Shape([shape[0], *known[1:]])
+    return inferred
+
+
+def measure_unknown_conv_inputs(model: ir.Model) -> None:
+    """Run the model once at batch 1 to measure conv input shapes inference left unknown.
+
+    onnx's data propagation stops at ops such as ``Div`` in shape arithmetic (a channel
+    shuffle computes its ``Reshape`` target at run time), so every later dimension is
+    unknown. When the data inputs' non-batch dims are static, one onnxruntime run on
+    zeros gives the real shapes; the batch dimension stays symbolic.
+    """
+    import onnxruntime as ort
+
+    targets = {
+        node.inputs[0].name: node.inputs[0]
+        for node in model.graph
+        if node.op_type == "Conv" and node.inputs[0] is not None
+        and (node.inputs[0].shape is None or not all(isinstance(d, int) for d in node.inputs[0].shape[1:]))
+    }
+    feeds = {}
+    for value in data_inputs(model):
+        dims = list(value.shape) if value.shape is not None else None
+        if dims is None or not all(isinstance(d, int) for d in dims[1:]):
+            return
+        feeds[value.name] = np.zeros([1, *dims[1:]], dtype=value.dtype.numpy())
+    if not targets:
+        return
+    proto = ir.serde.serialize_model(model)
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in targets)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        results = session.run(None, feeds)
+    except Exception:  # the model does not run as is: leave the shapes unknown (layers keep the exact backward)
+        return
+    for (name, value), array in zip(targets.items(), results):
+        batch = value.shape[0] if value.shape is not None and len(value.shape) == array.ndim else "N"
+        value.shape = ir.Shape([batch, *array.shape[1:]])
 
 
 def load_model(path: Path, input_shapes: list[InputShape] = ()) -> ir.Model:

@@ -80,7 +80,7 @@ def held_for_backward(
                     held.setdefault(value, tensor_bytes(value, batch, known_shapes))
     per_layer, per_layer_tensors = {}, {}
     for layer, nodes in layer_backward_nodes.items():
-        reads = {value for node in nodes for value in node.inputs if value in held}
+        reads = {value for node in nodes if node not in forward for value in node.inputs if value in held}
         per_layer[layer] = sum(held[v] or 0 for v in reads)
         per_layer_tensors[layer] = sorted(v.name for v in reads)
     return HeldTensors(

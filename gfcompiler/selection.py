@@ -139,3 +139,37 @@ def select_layers(graph: ir.Graph, layers: int | list[str] | str | None) -> Sele
         if not _is_float_initializer(conv.inputs[1]):
             raise UnsupportedModelError(f"Conv {conv.name!r}: its weight is computed, not a stored parameter, so it cannot be trained")
     return Selection(convs=convs, trained_convs=trained, trainable_params=params, trained_region=region, rule=rule)
+
+
+def untie_frozen_uses(graph: ir.Graph, selection: Selection) -> int:
+    """Give trained nodes their own copy of parameters that frozen nodes also read.
+
+    Exporters deduplicate equal initializers (the legacy PyTorch exporter shares one
+    zero bias among many convs), which would tie a trained layer to frozen ones:
+    training would change the frozen layers and onnxruntime would build a backward
+    through them. Returns the number of parameters copied.
+    """
+    copied = 0
+    for name in selection.trainable_params:
+        value = graph.initializers[name]
+        outside = [node for node in value.consumers() if node not in selection.trained_region]
+        if not outside:
+            continue
+        inside = [node for node in value.consumers() if node in selection.trained_region]
+        for node in inside:
+            copy_name = _unique_name(graph, f"{node.name}.{name}")
+            tensor = ir.tensor(value.const_value.numpy().copy(), name=copy_name)
+            copy = ir.Value(name=copy_name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+            graph.register_initializer(copy)
+            for index, operand in enumerate(node.inputs):
+                if operand is value:
+                    node.replace_input_with(index, copy)
+            copied += 1
+    return copied
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    candidate, index = name, 1
+    while candidate in graph.initializers:
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate

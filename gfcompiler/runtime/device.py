@@ -69,7 +69,12 @@ PROBE_MODEL = (
 
 
 class CudaUnavailable(Exception):
-    """CUDA cannot run here; ``str()`` names the missing piece in one line."""
+    """CUDA cannot run here: ``reason`` names the missing piece, ``hint`` how to add it."""
+
+    def __init__(self, reason: str, hint: str = ""):
+        super().__init__(reason + (f"; {hint}" if hint else ""))
+        self.reason = reason
+        self.hint = hint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,24 +116,30 @@ def select_device(request: str = "auto") -> Device:
     kind, index = parse_device(request)
     if kind == "cpu":
         return Device("cpu")
-    problem = cuda_problem(index)
+    problem = cuda_unavailable(index)
     if problem is None:
         return Device("cuda", index, "auto: CUDA works" if kind == "auto" else "")
     if kind == "auto":
-        return Device("cpu", note=f"auto: CUDA unavailable, {problem}")
+        return Device("cpu", note=f"auto: CUDA unavailable, {problem.reason}")
     raise TrainingError(f"cannot train on cuda:{index}: {problem}")
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_problem(index: int = 0) -> str | None:
-    """None when CUDA works on GPU ``index``, else the first missing piece (one line)."""
+    """None when CUDA works on GPU ``index``, else the first missing piece and its fix (one line)."""
+    problem = cuda_unavailable(index)
+    return None if problem is None else str(problem)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_unavailable(index: int = 0) -> CudaUnavailable | None:
+    """None when CUDA works on GPU ``index``, else why not (cached per process)."""
     try:
         check_cuda_provider()
         check_gpu(index)
         preload_cuda_libraries()
         probe_cuda_session(index)
     except CudaUnavailable as problem:
-        return str(problem)
+        return problem
     return None
 
 
@@ -136,9 +147,8 @@ def check_cuda_provider() -> None:
     ort = onnxruntime()
     if CUDA_PROVIDER not in ort.get_available_providers():
         raise CudaUnavailable(
-            "no CUDA execution provider in this onnxruntime build "
-            f"({_package_name(ort)}); install the CUDA build: "
-            'pip uninstall -y onnxruntime-training-cpu && pip install "gfcompiler[cuda]"'
+            f"no CUDA execution provider in this onnxruntime build ({_package_name(ort)})",
+            'install the CUDA build: pip uninstall -y onnxruntime-training-cpu && pip install "gfcompiler[cuda]"',
         )
 
 
@@ -199,8 +209,8 @@ def preload_cuda_libraries() -> tuple[str, ...]:
         except OSError as error:
             where = path or "the wheels or the system library path"
             raise CudaUnavailable(
-                f"{library.soname} not found in {where} ({_first_line(error)}); "
-                f"pip install {library.wheel}, or gfcompiler[cuda]"
+                f"{library.soname} not found in {where} ({_first_line(error)})",
+                f"pip install {library.wheel}, or gfcompiler[cuda]",
             ) from None
         loaded.append(path or library.soname)
     return tuple(loaded)
@@ -226,11 +236,16 @@ def probe_cuda_session(index: int = 0) -> None:
         raise CudaUnavailable("the CUDA execution provider computes wrong results on a probe model")
 
 
-def session_options(threads: int | None = None):
-    """onnxruntime SessionOptions: ``threads`` intra-op threads (None: onnxruntime's default)."""
+def session_options(threads: int | None = None, *, memory_arena: bool = True):
+    """onnxruntime SessionOptions: ``threads`` intra-op threads (None: onnxruntime's default).
+
+    ``memory_arena=False`` disables the CPU arena, so that peak memory follows what the
+    graph keeps alive rather than the arena's growth policy (for measurements).
+    """
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = memory_arena
     if threads is not None:
         if threads < 1:
             raise InputError(f"--threads must be at least 1, got {threads}")

@@ -133,94 +133,109 @@ def fit(
 ) -> FitResult:
     """Train from ``start`` to ``config.epochs``; checkpoints go to ``run_dir`` when given."""
     progress = progress or Progress(enabled=False)
-    metrics = metrics or MetricsLog(None, "")
-    config = config.checked(trainer.artifacts, len(train), progress)
-    batches = steps_per_epoch(len(train), config.batch_size, config.drop_last)
-    schedule = LRSchedule.create(config.schedule, config.lr, config.epochs * batches, config.warmup_steps)
-    position = start or Position()
-    history: list[dict] = []
-    checkpoint = None
-    classify = trainer.artifacts.loss == "cross_entropy"
-    fingerprint = train.fingerprint()
-
-    def save(at: Position) -> CheckpointRecord | None:
-        if run_dir is None:
-            return None
-        training = {"config": config.to_dict(), "position": at.to_dict(),
-                    "data": {"source": train.source, "samples": len(train), "fingerprint": fingerprint}}
-        return run_dir.save(trainer.state, training)
-
+    run = _Run(trainer, train, config.checked(trainer.artifacts, len(train), progress), val, run_dir,
+               progress, metrics or MetricsLog(None, ""), on_step)
+    position, history = start or Position(), []
     with _DeferredInterrupt(progress, enabled=handle_sigint) as interrupt:
-        for epoch in range(position.epoch, config.epochs):
-            started, timed_steps, timed_samples, step_seconds = time.perf_counter(), 0, 0, 0.0
-            lr = schedule(position.global_step)
-            for batch, indices in epoch_batches(
-                len(train), config.batch_size, seed=config.seed, epoch=epoch,
-                drop_last=config.drop_last, start=position.batch if position.epoch == epoch else 0,
-            ):
-                lr = schedule(position.global_step)
-                t0 = time.perf_counter()
-                try:
-                    result = trainer.train_step(train.x[indices], train.y[indices], lr=lr)
-                except NonFiniteLoss as error:
-                    metrics.write("stopped", reason="non-finite loss", loss=error.loss, epoch=epoch + 1,
-                                  step=position.global_step + 1, lr=lr)
-                    progress.close()
-                    raise TrainingError(_non_finite_message(error.loss, epoch, position, lr, checkpoint, run_dir)) from None
-                step_seconds += time.perf_counter() - t0
-                timed_steps += 1
-                timed_samples += len(indices)
-                correct = counted = 0
-                if classify and result.outputs is not None:
-                    correct = int((result.outputs.argmax(axis=-1) == train.y[indices]).sum())
-                    counted = len(indices)
-                position = Position(
-                    epoch, batch + 1, position.global_step + 1, position.loss_sum + result.loss * len(indices),
-                    position.seen + len(indices), position.correct + correct, position.counted + counted,
-                )
-                progress.update(status_line(
-                    epoch + 1, config.epochs, batch + 1, batches, position.loss_sum / position.seen,
-                    position.correct / position.counted if position.counted else None,
-                    timed_samples / max(step_seconds, 1e-9),
-                ))
-                if on_step is not None:
-                    on_step(position, result.loss)
-                if interrupt.requested and batch + 1 < batches:
-                    checkpoint = save(position) or checkpoint
-                    metrics.write("interrupted", epoch=epoch + 1, batch=batch + 1, step=position.global_step)
-                    progress.message(_interrupted_message(position, checkpoint))
-                    return FitResult(position, history, interrupted=True, checkpoint=checkpoint)
-            record = {
-                "epoch": epoch + 1,
-                "step": position.global_step,
-                "loss": position.loss_sum / max(position.seen, 1),
-                "accuracy": position.correct / position.counted if position.counted else None,
-                "lr": lr,
-                "samples_per_s": timed_samples / max(step_seconds, 1e-9),
-                "step_ms": 1000 * step_seconds / max(timed_steps, 1),
-                "seconds": time.perf_counter() - started,
-            }
-            if val is not None:
-                evaluation = trainer.evaluate(val, batch_size=max(config.batch_size, 256))
-                record["val_loss"] = evaluation["loss"]
-                record["val_accuracy"] = evaluation.get("accuracy")
-            position = Position(epoch + 1, 0, position.global_step)
-            history.append(record)
-            checkpoint = save(position) or checkpoint
-            metrics.write("epoch", **record)
-            progress.update(status_line(epoch + 1, config.epochs, batches, batches, record["loss"],
-                                        record["accuracy"], record["samples_per_s"]), force=True)
-            progress.message(_epoch_message(record))
+        for epoch in range(position.epoch, run.config.epochs):
+            position, record = run.epoch(epoch, position, interrupt)
+            if record is not None:
+                history.append(record)
+                run.epoch_done(record, position)
             if interrupt.requested:
-                metrics.write("interrupted", epoch=epoch + 1, batch=0, step=position.global_step)
-                progress.message(_interrupted_message(position, checkpoint))
-                return FitResult(position, history, interrupted=True, checkpoint=checkpoint)
+                return run.interrupted(position, history)
     progress.close()
-    return FitResult(position, history, checkpoint=checkpoint)
+    return FitResult(position, history, checkpoint=run.checkpoint)
 
 
-def _epoch_message(record: dict) -> str:
-    parts = [f"epoch {record['epoch']}: loss {record['loss']:.4f}"]
+class _Run:
+    """One `fit` call: its epochs, steps, checkpoints and reports."""
+
+    def __init__(self, trainer: Trainer, train: Dataset, config: TrainConfig, val: Dataset | None,
+                 run_dir: RunDir | None, progress: Progress, metrics: MetricsLog, on_step: StepCallback | None):
+        self.trainer, self.train, self.config, self.val = trainer, train, config, val
+        self.run_dir, self.progress, self.metrics, self.on_step = run_dir, progress, metrics, on_step
+        self.batches = steps_per_epoch(len(train), config.batch_size, config.drop_last)
+        self.schedule = LRSchedule.create(config.schedule, config.lr, config.epochs * self.batches, config.warmup_steps)
+        self.classify = trainer.artifacts.loss == "cross_entropy"
+        self.fingerprint = train.fingerprint()
+        self.checkpoint: CheckpointRecord | None = None
+
+    def epoch(self, epoch: int, position: Position, interrupt: _DeferredInterrupt) -> tuple[Position, dict | None]:
+        """Run ``epoch`` from ``position``; the epoch's record, or None when Ctrl-C stopped it early."""
+        started, steps, samples, seconds = time.perf_counter(), 0, 0, 0.0
+        lr = self.schedule(position.global_step)
+        first = position.batch if position.epoch == epoch else 0
+        for batch, indices in epoch_batches(len(self.train), self.config.batch_size, seed=self.config.seed,
+                                            epoch=epoch, drop_last=self.config.drop_last, start=first):
+            lr = self.schedule(position.global_step)
+            t0 = time.perf_counter()
+            position = self._step(epoch, batch, indices, position, lr)
+            seconds += time.perf_counter() - t0
+            steps, samples = steps + 1, samples + len(indices)
+            self.progress.update(status_line(
+                epoch + 1, self.config.epochs, batch + 1, self.batches, position.loss_sum / position.seen,
+                position.correct / position.counted if position.counted else None, samples / max(seconds, 1e-9),
+            ))
+            if self.on_step is not None:
+                self.on_step(position, self._last_loss)
+            if interrupt.requested and batch + 1 < self.batches:
+                return position, None
+        record = {
+            "epoch": epoch + 1,
+            "step": position.global_step,
+            "loss": position.loss_sum / max(position.seen, 1),
+            "accuracy": position.correct / position.counted if position.counted else None,
+            "lr": lr,
+            "samples_per_s": samples / max(seconds, 1e-9),
+            "step_ms": 1000 * seconds / max(steps, 1),
+            "seconds": time.perf_counter() - started,
+        }
+        if self.val is not None:
+            evaluation = self.trainer.evaluate(self.val, batch_size=max(self.config.batch_size, 256))
+            record["val_loss"], record["val_accuracy"] = evaluation["loss"], evaluation.get("accuracy")
+        return Position(epoch + 1, 0, position.global_step), record
+
+    def _step(self, epoch: int, batch: int, indices, position: Position, lr: float) -> Position:
+        x, y = self.train.x[indices], self.train.y[indices]
+        try:
+            result = self.trainer.train_step(x, y, lr=lr)
+        except NonFiniteLoss as error:
+            self.metrics.write("stopped", reason="non-finite loss", loss=error.loss, epoch=epoch + 1,
+                               step=position.global_step + 1, lr=lr)
+            self.progress.close()
+            raise TrainingError(_non_finite_message(error.loss, epoch, position, lr, self.checkpoint, self.run_dir)) from None
+        self._last_loss = result.loss
+        correct = counted = 0
+        if self.classify and result.outputs is not None:
+            correct, counted = int((result.outputs.argmax(axis=-1) == y).sum()), len(indices)
+        return Position(
+            epoch, batch + 1, position.global_step + 1, position.loss_sum + result.loss * len(indices),
+            position.seen + len(indices), position.correct + correct, position.counted + counted,
+        )
+
+    def save(self, at: Position) -> None:
+        if self.run_dir is not None:
+            training = {"config": self.config.to_dict(), "position": at.to_dict(),
+                        "data": {"source": self.train.source, "samples": len(self.train), "fingerprint": self.fingerprint}}
+            self.checkpoint = self.run_dir.save(self.trainer.state, training)
+
+    def epoch_done(self, record: dict, position: Position) -> None:
+        self.save(position)
+        self.metrics.write("epoch", **record)
+        self.progress.message(_epoch_message(record, self.config.epochs))
+
+    def interrupted(self, position: Position, history: list[dict]) -> FitResult:
+        if position.batch:  # stopped inside an epoch; an epoch end was saved already
+            self.save(position)
+        self.metrics.write("interrupted", epoch=position.epoch + (1 if position.batch else 0),
+                           batch=position.batch, step=position.global_step)
+        self.progress.message(_interrupted_message(position, self.checkpoint))
+        return FitResult(position, history, interrupted=True, checkpoint=self.checkpoint)
+
+
+def _epoch_message(record: dict, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"]
     if record.get("accuracy") is not None:
         parts.append(f"acc {100 * record['accuracy']:.1f}%")
     if "val_loss" in record:

@@ -48,6 +48,7 @@ class Trainer:
 
     ``checkpoint``: an onnxruntime checkpoint to start from (default: the compiled
     initial one). ``lr``: the learning rate ``step`` uses unless given one.
+    ``memory_arena=False`` turns onnxruntime's CPU arena off (for memory measurements).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class Trainer:
         checkpoint: str | Path | None = None,
         lr: float = 1e-3,
         verify: bool = True,
+        memory_arena: bool = True,
     ):
         self.artifacts = artifacts if isinstance(artifacts, Artifacts) else open_artifacts(artifacts, verify=verify)
         self.device = device if isinstance(device, devices.Device) else devices.select_device(device)
@@ -68,7 +70,7 @@ class Trainer:
         self.steps_taken = 0
         self._api = training_api()
         self.state = self._load_state()
-        self._options = devices.session_options(threads)
+        self._options = devices.session_options(threads, memory_arena=memory_arena)
         self.module, self.optimizer = self._create_sessions()
         self._applied_lr: float | None = None
         self._inference: tuple[int, object] | None = None
