@@ -121,4 +121,4 @@ def test_torchvision_last4_gradients(tmp_path, arch):
         if patch:
             totals = manifest["totals"]
             assert totals["filtered_layers"] == 4
-            assert totals["backward_macs"] < totals["backward_macs_exact"] / 4
+            assert totals["backward_macs"] < totals["backward_macs_exact"] / 2

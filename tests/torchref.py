@@ -107,10 +107,11 @@ def ort_gradients(directory, x: np.ndarray, labels: np.ndarray) -> tuple[float, 
 def torch_gradients(model: torch.nn.Module, x: np.ndarray, labels: np.ndarray) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
     """(loss, [(parameter value, gradient)]) from torch autograd, cross-entropy mean."""
     for p in model.parameters():
+        p.requires_grad_(True)  # fixtures may hand out frozen modules
         p.grad = None
     loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(labels))
     loss.backward()
-    return float(loss), [(p.detach().numpy(), p.grad.numpy()) for p in model.parameters() if p.grad is not None]
+    return float(loss.detach()), [(p.detach().numpy(), p.grad.numpy()) for p in model.parameters() if p.grad is not None]
 
 
 def match_by_value(ort_values: dict[str, np.ndarray], torch_pairs) -> dict[str, np.ndarray]:
