@@ -127,8 +127,12 @@ class FilterGeometry:
 
     @property
     def uses_dilated_kernel(self) -> bool:
-        """SPEC.md step 8: dilation >= r computes dX_small with the full flipped kernel."""
-        return self.conv.kernel != (1, 1) and max(self.conv.dilations) >= self.patch
+        """SPEC.md step 8: a dilation d > 1 with d >= r computes dX_small with the full flipped kernel.
+
+        (d = 1 always uses the reduced 1x1 form, also when r = 1, as the reference does.)
+        """
+        d = max(self.conv.dilations)
+        return self.conv.kernel != (1, 1) and d > 1 and d >= self.patch
 
     @property
     def reduced_dilation(self) -> int:
