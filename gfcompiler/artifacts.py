@@ -151,6 +151,8 @@ def generate(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer:
             artifacts.generate_artifacts(
                 model,
                 requires_grad=list(trainable),
+                # The model outputs (logits) stay visible next to the loss, for accuracy.
+                additional_output_names=[output.name for output in model.graph.output],
                 frozen_params=[],
                 loss=loss_type(loss),
                 optimizer=optimizer_block(optimizer),

@@ -147,8 +147,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def _onnxruntime():
-    """onnxruntime, imported without its torch-only training helpers (see gfcompiler.runtime._ort)."""
-    from gfcompiler.runtime._ort import onnxruntime
+    """onnxruntime, imported without its torch-only training helpers (see gfcompiler.ort_training)."""
+    from gfcompiler.ort_training import onnxruntime
 
     return onnxruntime()
 
@@ -692,6 +692,7 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     titles = titles or [f"{Path(r['model']).stem}, {r['layers']}" for r in reports]
     colors = {"fwd": "#9db4d0", "gf_fwd": "#e8a33d", "trained_bwd": "#c0392b", "other_bwd": "#7f8c8d", "rest": "#d5d8dc"}
@@ -722,7 +723,7 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     steps = [row["step"] for row in rows]
     step_ax.errorbar(positions, [s["median_ms"] for s in steps],
                      yerr=[[s["median_ms"] - s["q1_ms"] for s in steps], [s["q3_ms"] - s["median_ms"] for s in steps]],
-                     fmt="none", ecolor="black", capsize=2, lw=0.8)
+                     fmt="_", color="black", markersize=14, capsize=3, lw=0.9, label="step time (median, IQR)")
     i = 0
     for report in reports:
         n = len(report["variants"])
@@ -731,22 +732,30 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
                        label="forward-only inference" if i == 0 else None)
         i += n
     step_ax.set_ylabel("training step, ms")
-    step_ax.legend(fontsize=7, ncol=3, loc="upper right")
-    step_ax.set_title("exact vs gradient-filtered training step (median, IQR bars; parts from the ORT profiler)", fontsize=9)
+    step_ax.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
     bwd = [((row["profile"] or {}).get("trained_bwd") or {}).get("median_ms", np.nan) for row in rows]
     bwd_ax.bar(positions, bwd, 0.8, color=colors["trained_bwd"])
     bwd_ax.set_yscale("log")
+    if np.isfinite(bwd).any():
+        bwd_ax.set_ylim(np.nanmin(bwd) / 3, np.nanmax(bwd) * 2)
+    bwd_ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    bwd_ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     bwd_ax.set_ylabel("trained convs'\nbackward, ms (log)")
+    for x_pos, value in zip(positions, bwd):
+        if np.isfinite(value):
+            bwd_ax.annotate(_num(value), (x_pos, value), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6)
     mem = [((row["memory"] or {}).get("step_peak_kib", np.nan)) / 1024 for row in rows]
     held = [row["static"]["held_bytes"] / 2**20 for row in rows]
-    mem_ax.bar(positions, mem, 0.8, color="#5d6d7e", label="step peak (measured)")
-    mem_ax.scatter(positions, held, marker="_", s=120, color="#e8a33d", zorder=3, label="held for trained convs' bwd (static)")
+    mem_ax.bar(positions, mem, 0.8, color="#5d6d7e", label="step peak over resident set before it (measured)")
+    mem_ax.scatter(positions, held, marker="_", s=160, linewidths=2, color="#e8a33d", zorder=3,
+                   label="kept for the trained convs' backward (static)")
     mem_ax.set_ylabel("memory, MiB")
-    mem_ax.legend(fontsize=7, loc="upper right")
+    mem_ax.legend(fontsize=7, ncol=2 if len(positions) > 6 else 1, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
     mem_ax.set_xticks(positions, labels, fontsize=7)
     for center, title in zip(group_centers, titles):
-        mem_ax.annotate(title, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -26),
+        mem_ax.annotate(title, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -18),
                         textcoords="offset points", ha="center", va="top", fontsize=7)
+    fig.suptitle("exact vs gradient-filtered training: step time by part (ORT profiler), backward, memory", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -769,10 +778,13 @@ def _check_output_path(path: str | None, flag: str) -> None:
 
 def add_command(subparsers) -> None:
     """Register ``gfc bench`` on the top-level CLI's sub-parsers."""
+    from gfcompiler.cli import EXIT_HELP
+
     parser = subparsers.add_parser(
         "bench",
         help="time and measure the exact baseline and filtered variants of a model, side by side",
         description=BENCH_DESCRIPTION,
+        epilog=EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="input .onnx model")

@@ -102,16 +102,12 @@ def _inspect_parser(subparsers) -> None:
 
 
 def _demo_parser(subparsers) -> None:
+    from gfcompiler import demo
+
     parser = subparsers.add_parser("demo", help="the whole story on built-in real data (no arguments needed)",
-                                   add_help=False)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
-
-    def run(args: argparse.Namespace) -> int:
-        from gfcompiler import demo
-
-        return demo.main(args.rest)
-
-    parser.set_defaults(handler=run)
+                                   description=demo.__doc__.strip().splitlines()[0] if demo.__doc__ else None)
+    demo.add_arguments(parser)
+    parser.set_defaults(handler=demo.run_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:

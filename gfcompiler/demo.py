@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.errors import EXIT_INTERRUPTED, GfcError, InputError
+from gfcompiler.runtime.peak_memory import MEASURE_ENV, peak_kib, reset_peak_kib
 
 RECIPE = 1  # bump when the model or the pretraining changes: the cache key includes it
 CHANNELS = (16, 32, 64, 64)
@@ -235,7 +236,7 @@ def measure_peak_memory(artifacts: Path, batch: int, threads: int | None, steps:
                "--memory-batch", str(batch), "--memory-steps", str(steps)]
     if threads is not None:
         command += ["--threads", str(threads)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, **MEASURE_ENV}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"the memory probe failed: {completed.stderr.strip()[-500:]}")
@@ -257,50 +258,23 @@ def _memory_probe(artifacts: str, batch: int, steps: int, threads: int | None) -
     rng = np.random.default_rng(0)
     x = rng.random(shape, dtype=np.float32)
     y = rng.integers(0, trainer.artifacts.num_classes or 1, batch).astype(np.int64)
-    baseline = _reset_peak_rss()
+    baseline = reset_peak_kib()
     for _ in range(steps):
         trainer.eval_batch(x, y)
-    forward_peak = _peak_rss()
-    _reset_peak_rss()
+    forward_peak = peak_kib()
+    reset_peak_kib()
     for _ in range(steps):
         trainer.step(x, y, lr=1e-4)
-    train_peak = _peak_rss()
+    train_peak = peak_kib()
     return {"batch": batch, "baseline_kib": baseline, "forward_kib": forward_peak - baseline,
             "training_kib": train_peak - baseline, "peak_kib": max(forward_peak, train_peak)}
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> int:
-    """Reset the peak-RSS mark to the current RSS where the kernel allows; returns the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    current = _status_kib("VmRSS")
-    return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss() -> int:
-    peak = _status_kib("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run_demo(options: DemoOptions | None = None, *, progress=None) -> DemoResult:
     """The whole demo; see the module docstring."""
     from gfcompiler.runtime.progress import Progress
 
-    from gfcompiler.runtime._ort import onnxruntime
+    from gfcompiler.ort_training import onnxruntime
 
     # Import onnxruntime the runtime's way before the compiler does: its own import
     # would load torch (seconds and hundreds of MB) where torch is installed.
@@ -334,7 +308,8 @@ def render_table(result: DemoResult) -> str:
     o = result.options
     rows = [
         ("", "exact backward", f"gradient filter r={filtered.patch}", ""),
-        ("digits accuracy before", _pct(exact.accuracy_before), _pct(filtered.accuracy_before), "MNIST-pretrained, no fine-tuning"),
+        ("digits accuracy before", _pct(exact.accuracy_before), _pct(filtered.accuracy_before),
+         "MNIST-pretrained, no fine-tuning"),
         ("digits accuracy after", _pct(exact.accuracy_after), _pct(filtered.accuracy_after),
          f"{o.finetune_epochs} epochs, same seed and schedule"),
         ("training step time", f"{exact.step_ms:.1f} ms", f"{filtered.step_ms:.1f} ms", f"batch {o.batch_size}, mean"),
@@ -393,11 +368,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=d.layers, help=f"trained convs, counted from the end (default {d.layers})")
     parser.add_argument("--epochs", type=int, default=d.finetune_epochs, help=f"fine-tuning epochs (default {d.finetune_epochs})")
     parser.add_argument("--lr", type=float, default=d.finetune_lr, help=f"fine-tuning learning rate (default {d.finetune_lr})")
-    parser.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs, help=f"MNIST pretraining epochs (default {d.pretrain_epochs})")
+    parser.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                        help=f"MNIST pretraining epochs (default {d.pretrain_epochs})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"fine-tuning batch size (default {d.batch_size})")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
-    parser.add_argument("--memory-batch", type=int, default=d.memory_batch, help=f"batch of the memory measurement (default {d.memory_batch})")
+    parser.add_argument("--memory-batch", type=int, default=d.memory_batch,
+                        help=f"batch of the memory measurement (default {d.memory_batch})")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--cache-dir", type=Path, help="where the pretrained model is cached (default ~/.cache/gfcompiler)")
     parser.add_argument("--work-dir", type=Path, help="keep the compiled artifacts here (default: a temporary directory)")

@@ -227,7 +227,9 @@ def measure_unknown_conv_inputs(model: ir.Model) -> None:
     unknown. When the data inputs' non-batch dims are static, one onnxruntime run on
     zeros gives the real shapes; the batch dimension stays symbolic.
     """
-    import onnxruntime as ort
+    from gfcompiler.ort_training import onnxruntime
+
+    ort = onnxruntime()
 
     targets = {
         node.inputs[0].name: node.inputs[0]

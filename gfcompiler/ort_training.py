@@ -1,57 +1,88 @@
-"""The one place that imports onnxruntime-training's Python API.
+"""The one place that deals with onnxruntime-training's import quirks.
 
-``import onnxruntime.training`` runs a package ``__init__`` that imports torch-only
-helpers (ORTModule, amp, optim), so it fails where torch is absent and is slow where
-torch is present. The submodules we use (``artifacts``, ``api``, ``onnxblock``) do not
-need torch. This module registers a bare package object for ``onnxruntime.training``
-whose ``__path__`` points at the installed directory, so those submodules import
-without running the package ``__init__``.
+Two quirks of the onnxruntime-training 1.19.2 wheels:
 
-Only the standard library and onnxruntime are imported here: the on-device runtime
-uses this module too.
+* ``import onnxruntime.training`` runs a package ``__init__`` that imports torch-only
+  helpers (ORTModule, amp, optim): it fails where torch is absent and is slow where
+  torch is present. The submodules we use (``artifacts``, ``api``, ``onnxblock``) do not
+  need torch. We register a bare package object for ``onnxruntime.training`` whose
+  ``__path__`` points at the installed directory, so those submodules import without
+  running the package ``__init__``.
+* ``import onnxruntime`` itself runs a build check that imports
+  ``onnxruntime.training.ortmodule``, i.e. torch and onnx, wherever torch is installed
+  (about 2.4 s and 240 MB per process). `onnxruntime()` marks ORTModule as absent for
+  the duration of that one import, so the check concludes "no ORTModule" at once.
+  Nothing stays patched afterwards.
+
+Only the standard library is imported here: the on-device runtime uses this module.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import re
 import sys
 import types
 
-_PACKAGE = "onnxruntime.training"
+from gfcompiler.errors import TrainingError
+
+_TRAINING = "onnxruntime.training"
+_ORTMODULE = "onnxruntime.training.ortmodule"
 
 
-class TrainingBuildMissing(ImportError):
+class TrainingBuildMissing(TrainingError):
     """onnxruntime is installed without the training API (the plain inference build)."""
 
 
-def _register_bare_package() -> None:
-    if _PACKAGE in sys.modules:
+def _register_bare_training_package() -> None:
+    if _TRAINING in sys.modules:
         return
-    try:
-        spec = importlib.util.find_spec(_PACKAGE)
-    except ModuleNotFoundError:
-        spec = None
+    spec = importlib.util.find_spec("onnxruntime")  # a top-level spec: imports nothing
     if spec is None or not spec.submodule_search_locations:
-        raise TrainingBuildMissing(
-            "onnxruntime-training is not installed (found no onnxruntime.training); "
-            "install onnxruntime-training-cpu==1.19.2, not the plain onnxruntime package"
-        )
-    package = types.ModuleType(_PACKAGE)
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__spec__ = spec
-    package.__file__ = spec.origin
-    sys.modules[_PACKAGE] = package
+        return  # onnxruntime is missing: the import reports it
+    location = os.path.join(list(spec.submodule_search_locations)[0], "training")
+    if not os.path.isdir(location):
+        return  # the plain inference build: training_submodule reports it
+    package = types.ModuleType(_TRAINING)
+    package.__path__ = [location]
+    package.__spec__ = importlib.util.spec_from_file_location(
+        _TRAINING, os.path.join(location, "__init__.py"), submodule_search_locations=[location]
+    )
+    package.__file__ = package.__spec__.origin
+    sys.modules[_TRAINING] = package
+
+
+def onnxruntime() -> types.ModuleType:
+    """The ``onnxruntime`` module, imported without torch or onnx."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    _register_bare_training_package()
+    blocked = _ORTMODULE not in sys.modules
+    if blocked:
+        sys.modules[_ORTMODULE] = None  # type: ignore[assignment]  # "absent" to the import system
+    try:
+        return importlib.import_module("onnxruntime")
+    finally:
+        if blocked and sys.modules.get(_ORTMODULE, 0) is None:
+            del sys.modules[_ORTMODULE]
 
 
 def training_submodule(name: str) -> types.ModuleType:
     """Import ``onnxruntime.training.<name>`` (``api``, ``artifacts`` or ``onnxblock``)."""
-    _register_bare_package()
-    return importlib.import_module(f"{_PACKAGE}.{name}")
+    onnxruntime()
+    _register_bare_training_package()
+    if _TRAINING not in sys.modules:
+        raise TrainingBuildMissing(
+            "onnxruntime-training is not installed (this onnxruntime has no training API); "
+            "install onnxruntime-training-cpu==1.19.2 instead of the plain onnxruntime package"
+        )
+    return importlib.import_module(f"{_TRAINING}.{name}")
 
 
 def api() -> types.ModuleType:
-    """``onnxruntime.training.api``: Module, Optimizer, CheckpointState, LinearLRScheduler."""
+    """``onnxruntime.training.api``: Module, Optimizer, CheckpointState."""
     return training_submodule("api")
 
 
@@ -63,3 +94,13 @@ def artifacts() -> types.ModuleType:
 def onnxblock() -> types.ModuleType:
     """``onnxruntime.training.onnxblock``: building blocks for losses and optimizers."""
     return training_submodule("onnxblock")
+
+
+_ORT_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", re.DOTALL)
+
+
+def error_message(error: BaseException) -> str:
+    """onnxruntime's exception text without its source-location prefix, on one line."""
+    text = _ORT_PREFIX.sub("", str(error)).strip()
+    text = " ".join(text.split())
+    return text or type(error).__name__

@@ -100,7 +100,9 @@ def _replace(staging: Path, target: Path, force: bool) -> None:
 
 def session_io(model_path: Path) -> dict:
     """Input/output names, shapes and dtypes of a model as onnxruntime sees them."""
-    import onnxruntime as ort
+    from gfcompiler.ort_training import onnxruntime
+
+    ort = onnxruntime()
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers are noise here
@@ -118,8 +120,7 @@ def check_loadable(directory: Path) -> None:
     """Open the artifacts with onnxruntime's training API: we never emit what ORT refuses."""
     from gfcompiler import ort_training
 
-    import onnxruntime as ort
-
+    ort = ort_training.onnxruntime()
     api = ort_training.api()
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -1,21 +1,20 @@
-"""Run one training step of compiled artifacts and print the process's peak RSS (KiB).
+"""Run one training step of compiled artifacts and print the step's peak RSS growth (KiB).
 
-Used by tests/test_memory.py in a fresh subprocess per variant, so each variant's
-peak is its own. The CPU memory arena is disabled so the peak follows what the graph
-really keeps alive, not the arena's growth policy.
+Used by tests/test_memory.py in a fresh subprocess per variant (environment
+`MEASURE_ENV`), so each variant's peak is its own. The CPU memory arena is disabled so
+the peak follows what the graph really keeps alive, not the arena's growth policy.
 """
 
-import resource
 import sys
 
 import numpy as np
-import onnxruntime as ort
 
 from gfcompiler import ort_training
+from gfcompiler.runtime.peak_memory import peak_kib, reset_peak_kib
 
 
 def main(directory: str, batch: int, channels: int, size: int) -> None:
-    api = ort_training.api()
+    ort, api = ort_training.onnxruntime(), ort_training.api()
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     options.intra_op_num_threads = 1
@@ -24,10 +23,9 @@ def main(directory: str, batch: int, channels: int, size: int) -> None:
     module.train()
     x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
     y = np.zeros(batch, np.int64)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = reset_peak_kib()
     module(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(baseline, peak)
+    print(baseline, peak_kib())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ measured in its own subprocess with the memory arena disabled.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from gfcompiler.driver import CompileOptions, compile_model
+from gfcompiler.runtime.peak_memory import MEASURE_ENV
 
 BATCH, CHANNELS, SIZE = 16, 8, 128
 PROBE = Path(__file__).with_name("peak_memory_probe.py")
@@ -43,7 +45,7 @@ def variants(tmp_path_factory):
 
 def peak_kib(directory: Path) -> int:
     result = subprocess.run([sys.executable, str(PROBE), str(directory), str(BATCH), str(CHANNELS), str(SIZE)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env={**os.environ, **MEASURE_ENV})
     baseline, peak = (int(v) for v in result.stdout.split())
     return peak - baseline
 

@@ -10,17 +10,38 @@ those values into whatever graph it is rewriting (today the onnxruntime-training
 gradient graph, see `gradient_filter.py`). Node and value names are derived from the
 layer's name, so a person reading the graph in Netron sees ``<layer>/gf/dY_avg`` etc.
 
-Formulation choices (measured on onnxruntime CPU, see benchmarks/README.md):
+Formulation (each choice timed on a 2-core CPU with onnxruntime 1.19.2; per-op numbers
+are single-thread CPU time, batch 1, 3×3 stride-1 layers; whole-layer numbers are in
+benchmarks/README.md, "Single-layer backward latency"):
 
-* sum pooling is ``AveragePool(count_include_pad=1) · qh·qw``;
-* ``dX_small`` is one ``ConvTranspose`` for every case: with the 1×1 kernel ``W_sum``
-  it is SPEC step 3 (block-diagonal over groups through its ``group`` attribute, which
-  covers ungrouped, depthwise and channel-multiplier convs alike); with the full
-  kernel, dilation and padding ``d // r`` it is step 8's conv with the flipped kernel;
-* ``dW_sum`` is a batched ``MatMul`` over groups (``Mul``+``ReduceSum`` when each group
-  has one input and one output channel, i.e. depthwise);
-* broadcasts and nearest upsampling use ``MatMul`` with a ones row and ``Gather`` of
-  whole rows, never ``Expand`` over inner axes or ``Resize`` (both slow in ORT CPU).
+* Sum pooling of X is ``AveragePool(count_include_pad=1) · qh·qw``. Windows wholly in
+  the padding are added afterwards as zero cells (``Pad`` of the small X_sum), never
+  as a ``Pad`` of X in front of the pooling, which onnxruntime's PadFusion folds into
+  the pooling as a padding it then rejects.
+* ``dY_avg`` is one ``AveragePool(count_include_pad=0)``. onnxruntime runs it in its
+  NCHWc layout (a reorder of dY plus the pooling, 1.16 ms at 128 ch 120×160, r=2);
+  plain NCHW pooling on a (N·C, 1, H, W) view (1.47 ms) and ``ReduceSum`` over
+  reshaped windows (3.0–3.5 ms) were slower.
+* ``dB`` (step 7, exact) is Σ count·dY_avg over the windows, which tile dY: the small
+  ``dY_avg`` is read instead of dY a second time (a ``ReduceSum`` of dY costs 0.26 ms
+  at batch 1 and 2.7 ms at batch 8 for 128 ch 120×160).
+* ``dX_small`` (steps 3–4) is ``W_sumᵀ · dY_avg`` per group: a ``Transpose`` of the small
+  W_sum blocks and a batched ``MatMul``, which onnxruntime fuses into one
+  ``FusedMatMul``; a 1×1 ``ConvTranspose`` and a 1×1 ``Conv`` with the transposed W_sum
+  cost the same within noise (all are one SGEMM of Ci×Co×P MACs, ≈1.6 ms for 78 M
+  MACs), the ``MatMul`` was never slower. Depthwise convs use a ``Mul``; step 8 (dilation
+  ≥ r) is a ``ConvTranspose`` with the full kernel.
+* ``dW_sum`` is one batched ``MatMul`` per sample and group, then a ``MatMul`` with a
+  1×N ones row sums the batch (``ReduceSum`` over the batch axis is 7–14× slower:
+  0.94 ms vs 0.13 ms for 8×512×512); with a static batch of 1 there is no sum.
+* Step 5's broadcast over kernel taps is a ``MatMul`` with a 1×(kh·kw) ones row
+  (0.29 ms for 512×512×3×3; ``Expand`` 7.0 ms, ``Tile`` 4.1 ms, a broadcasting ``Mul``
+  3.5 ms) followed by a ``Reshape``, which is free inside a graph but is a copy
+  (+0.32 ms at 512 ch) where dW is itself a graph output, as in the benchmark.
+* Step 6 repeats columns first, on the small map (``MatMul`` with a 1×qw ones row), and
+  rows last, with a ``Gather`` of whole rows that writes the full-size dX once
+  (0.98 ms at 128 ch 120×160, r=2, where a plain copy of dX takes 0.29 ms; rows
+  first then columns 2.1 ms, nearest ``Resize`` 3.4 ms, ``Expand`` 13.5 ms).
 
 Requires opset >= 13 (``ReduceSum`` with axes as an input).
 """
@@ -136,6 +157,28 @@ def _average_grad_output(e: _Emitter, dy: ir.Value, geom: FilterGeometry) -> ir.
     )
 
 
+def _grad_window_counts(geom: FilterGeometry) -> np.ndarray:
+    """How many valid dY elements each r×r window of step 2 holds: ph×pw."""
+    r, (ph, pw) = geom.patch, geom.patches
+    (bh, bw), conv = geom.grad_pad_begin, geom.conv
+    rows = np.minimum(np.arange(ph) * r - bh + r, conv.out_height) - np.maximum(np.arange(ph) * r - bh, 0)
+    cols = np.minimum(np.arange(pw) * r - bw + r, conv.out_width) - np.maximum(np.arange(pw) * r - bw, 0)
+    return np.outer(rows, cols).astype(np.float32)
+
+
+def _bias_grad(e: _Emitter, dy: ir.Value, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
+    """Step 7, exact: Σ dY, summed as Σ_windows count·dY_avg.
+
+    The r×r windows tile dY (each element lies in exactly one), so the window sums
+    count·dY_avg add up to Σ dY; only the order of the float additions differs. This
+    reads the small dY_avg instead of the full-size dY a second time.
+    """
+    if geom.patch == 1:
+        return e.op("ReduceSum", [dy, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
+    window_sums = e.op("Mul", [dy_avg, e.const("grad_window_counts", _grad_window_counts(geom))], "dY_window_sums")
+    return e.op("ReduceSum", [window_sums, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
+
+
 def _batch_ones(e: _Emitter, like: ir.Value, batch: int | None) -> ir.Value:
     """A 1×N row of ones (N = the batch), a constant when the batch is static."""
     if batch is not None:
@@ -160,7 +203,7 @@ def _weight_sum_grad(e: _Emitter, dy_avg: ir.Value, x_sum: ir.Value, geom: Filte
         product = e.op("Mul", [dy_avg, x_sum], "dY_avg_x_X_sum")
         summed = e.op("ReduceSum", [product, e.ints("dW_sum_axes", [0, 2, 3])], "dW_sum_flat", keepdims=0)
         return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
-    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_groups_shape", [0, g, cog, -1])], "dY_avg_groups")
+    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_groups_shape", [0, g, cog, -1])], "dY_avg_groups_for_dW")
     x_groups = e.op("Reshape", [x_sum, e.ints("X_groups_shape", [0, g, cig, -1])], "X_sum_groups")
     x_groups_t = e.op("Transpose", [x_groups], "X_sum_groups_T", perm=[0, 1, 3, 2])
     per_sample = e.op("MatMul", [dy_groups, x_groups_t], "dW_sum_per_sample")  # N×g×cog×cig
@@ -182,13 +225,16 @@ def _broadcast_weight_grad(e: _Emitter, dw_sum: ir.Value, geom: FilterGeometry) 
     return e.op("Reshape", [taps, e.ints("dW_shape", list(conv.weight_shape))], "dW")
 
 
-DX_SMALL = "conv"
-
-
 def _small_input_grad(
     e: _Emitter, dy_avg: ir.Value, w_sum: ir.Value, w: ir.Value | None, geom: FilterGeometry
 ) -> ir.Value:
-    """Backward steps 3, 4 and 8: dX on the patch grid."""
+    """Backward steps 3, 4 and 8: dX on the patch grid, N×Ci×ph×pw.
+
+    Steps 3–4 are, per group, ``W_sumᵀ · dY_avg``: a ``Transpose`` of the (small) W_sum
+    blocks and a batched ``MatMul`` (onnxruntime fuses the two into one ``FusedMatMul``);
+    depthwise convs (one input and one output channel per group) are a ``Mul``. Step 8
+    is a ``ConvTranspose`` with the full kernel, dilation and padding d // r.
+    """
     conv = geom.conv
     g, cog, cig = conv.group, conv.out_per_group, conv.in_per_group
     if geom.uses_dilated_kernel:
@@ -199,22 +245,12 @@ def _small_input_grad(
     if cog == 1 and cig == 1:
         scale = e.op("Reshape", [w_sum, e.ints("W_sum_channel_shape", [conv.in_channels, 1, 1])], "W_sum_channel")
         return e.op("Mul", [dy_avg, scale], "dX_small")
-    if DX_SMALL == "convT":
-        return e.op("ConvTranspose", [dy_avg, w_sum], "dX_small", group=conv.group)
-    if g == 1:
-        w_t = e.op("Transpose", [w_sum], "W_sum_T", perm=[1, 0, 2, 3])
-    else:
-        blocks = e.op("Reshape", [w_sum, e.ints("W_sum_blocks_shape", [g, cog, cig])], "W_sum_blocks")
-        blocks_t = e.op("Transpose", [blocks], "W_sum_blocks_T", perm=[0, 2, 1])
-        w_t = e.op("Reshape", [blocks_t, e.ints("W_sum_T_shape", [conv.in_channels, cog, 1, 1])], "W_sum_T")
-    if DX_SMALL == "conv":
-        return e.op("Conv", [dy_avg, w_t], "dX_small", group=g)
-    # MatMul: (g, cig, cog) @ (N, g, cog, P)
-    w_m = e.op("Reshape", [w_t, e.ints("W_sum_T_mat_shape", [g, cig, cog])], "W_sum_T_mat")
-    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_groups_shape2", [0, g, cog, -1])], "dY_avg_groups2")
-    prod = e.op("MatMul", [w_m, dy_groups], "dX_small_groups")
     ph, pw = geom.patches
-    return e.op("Reshape", [prod, e.ints("dX_small_shape", [0, conv.in_channels, ph, pw])], "dX_small")
+    blocks = e.op("Reshape", [w_sum, e.ints("W_sum_blocks_shape", [g, cog, cig])], "W_sum_blocks")
+    blocks_t = e.op("Transpose", [blocks], "W_sum_blocks_T", perm=[0, 2, 1])  # g×cig×cog
+    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_avg_groups_shape", [0, g, cog, ph * pw])], "dY_avg_groups")
+    product = e.op("MatMul", [blocks_t, dy_groups], "dX_small_groups")  # N×g×cig×P
+    return e.op("Reshape", [product, e.ints("dX_small_shape", [0, conv.in_channels, ph, pw])], "dX_small")
 
 
 def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) -> ir.Value:
@@ -273,9 +309,7 @@ def build_filtered_backward(
     e = _Emitter(tape, prefix)
     dy_avg = _average_grad_output(e, dy, geom)
     dw = _broadcast_weight_grad(e, _weight_sum_grad(e, dy_avg, x_sum, geom), geom)
-    db = None
-    if needs_bias_grad:
-        db = e.op("ReduceSum", [dy, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
+    db = _bias_grad(e, dy, dy_avg, geom) if needs_bias_grad else None
     dx = None
     if needs_input_grad:
         dx = _upsample_and_crop(e, _small_input_grad(e, dy_avg, w_sum, weight, geom), geom)

@@ -6,9 +6,13 @@ the frozen prefix keeps the original, faster ops. Each rule is exact:
 
 * ``HardSigmoid(x; α, β) = Clip(α·x + β, 0, 1)``
 * ``HardSwish(x) = x · Clip(x/6 + 1/2, 0, 1)``
-* ``Softplus(x) = Relu(x) + Log(1 + Exp(-|x|))``  (the stable form)
-* ``Elu(x; α) = Relu(x) + α·(Exp(min(x, 0)) − 1)``
+* ``Softplus(x) = Where(x > 0, x + Log(1 + Exp(-x⁺)), Log(1 + Exp(x⁻)))``
+* ``Elu(x; α) = Where(x > 0, x, α·(Exp(x⁻) − 1))``
 * ``Selu(x; α, γ) = γ·Elu(x; α)``
+
+with ``x⁺ = Where(x > 0, x, 0)`` and ``x⁻ = Where(x > 0, 0, x)``: no branch overflows, and
+at x = 0 the gradient is torch's (α for Elu, 1/2 for Softplus) rather than whatever a
+``Min``/``Abs``/``Relu`` tie would give — exact zeros are common (zero padding, no bias).
 * ``Sum(a, b, c, ...) = ((a + b) + c) + ...``  (old Caffe2 exports use variadic Sum for residuals)
 """
 
@@ -58,16 +62,26 @@ def _hard_swish(b: _Builder, node: ir.Node) -> ir.Value:
     return b.op("Mul", [x, _clip01(b, x, 1.0 / 6.0, 0.5)], "hard_swish")
 
 
+def _split_at_zero(b: _Builder, x: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(x > 0, x⁺, x⁻): the condition and both halves, each finite wherever x is."""
+    zero = b.scalar("zero", 0.0)
+    positive = b.op("Greater", [x, zero], "is_positive")
+    return positive, b.op("Where", [positive, x, zero], "x_pos"), b.op("Where", [positive, zero, x], "x_neg")
+
+
 def _softplus(b: _Builder, node: ir.Node) -> ir.Value:
     x = node.inputs[0]
-    tail = b.op("Log", [b.op("Add", [b.scalar("one", 1.0), b.op("Exp", [b.op("Neg", [b.op("Abs", [x], "abs")], "neg_abs")], "exp")], "one_plus")], "log")
-    return b.op("Add", [b.op("Relu", [x], "relu"), tail], "softplus")
+    positive, x_pos, x_neg = _split_at_zero(b, x)
+    one = b.scalar("one", 1.0)
+    upper = b.op("Add", [x_pos, b.op("Log", [b.op("Add", [one, b.op("Exp", [b.op("Neg", [x_pos], "minus_x_pos")], "exp_minus_x_pos")], "one_plus_exp_minus")], "log_upper")], "upper")
+    lower = b.op("Log", [b.op("Add", [one, b.op("Exp", [x_neg], "exp_x_neg")], "one_plus_exp")], "lower")
+    return b.op("Where", [positive, upper, lower], "softplus")
 
 
 def _elu_of(b: _Builder, x: ir.Value, alpha: float) -> ir.Value:
-    negative = b.op("Min", [x, b.scalar("zero", 0.0)], "negative_part")
-    expm1 = b.op("Sub", [b.op("Exp", [negative], "exp"), b.scalar("one", 1.0)], "expm1")
-    return b.op("Add", [b.op("Relu", [x], "relu"), b.op("Mul", [expm1, b.scalar("alpha", alpha)], "scaled_expm1")], "elu")
+    positive, _, x_neg = _split_at_zero(b, x)
+    expm1 = b.op("Sub", [b.op("Exp", [x_neg], "exp"), b.scalar("one", 1.0)], "expm1")
+    return b.op("Where", [positive, x, b.op("Mul", [expm1, b.scalar("alpha", alpha)], "scaled_expm1")], "elu")
 
 
 def _elu(b: _Builder, node: ir.Node) -> ir.Value:

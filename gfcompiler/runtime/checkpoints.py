@@ -29,6 +29,7 @@ from pathlib import Path
 from gfcompiler import __version__
 from gfcompiler.errors import ArtifactError, OutputError
 from gfcompiler.manifest import sha256_file
+from gfcompiler.ort_training import api as training_api, error_message
 from gfcompiler.runtime.artifacts import Artifacts
 
 RECORD_NAME = "state.json"
@@ -117,8 +118,6 @@ class RunDir:
 
     def save(self, state, training: dict) -> CheckpointRecord:
         """Save ``state`` (an onnxruntime CheckpointState) with its optimizer state, atomically."""
-        from gfcompiler.runtime._ort import training_api
-
         api = training_api()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -144,6 +143,8 @@ class RunDir:
             write_text_atomic(self.record_path, json.dumps(record, indent=2) + "\n")
         except OSError as error:
             raise OutputError(f"cannot save a checkpoint in {self.path}: {error.strerror or error}") from None
+        except RuntimeError as error:  # onnxruntime's own write failures
+            raise OutputError(f"cannot save a checkpoint in {self.path}: {error_message(error)}") from None
         finally:
             if temporary.exists():
                 temporary.unlink()

@@ -18,6 +18,10 @@ import sys
 
 from gfcompiler.errors import EXIT_INTERRUPTED, GfcError
 
+DATA_HELP = (
+    "a .npz with x (N×C×H×W float) and y (labels), an image folder with one sub-folder per class, "
+    "or builtin:digits / builtin:mnist (add /train or /test for a fixed 80/20 split)"
+)
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when it really works, else CPU; default: auto)"
 
 
@@ -29,12 +33,13 @@ def add_commands(subparsers) -> None:
         description="Train the compiled model on data; checkpoints and metrics.jsonl go to the run directory.",
     )
     _artifacts_argument(train)
-    train.add_argument("--data", required=True, help="a .npz (x, y), an image folder (one sub-folder per class) or builtin:digits[/train|/test], builtin:mnist[...]")
+    train.add_argument("--data", required=True, help=DATA_HELP)
     train.add_argument("--val-data", help="data evaluated after every epoch (same forms as --data)")
     train.add_argument("--epochs", type=int, help="total epochs (default 5; with --resume: the stored value)")
     train.add_argument("--batch-size", type=int, help="batch size (default 32, or the model's fixed batch)")
     train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    train.add_argument("--schedule", choices=("constant", "warmup", "linear", "cosine"), help="learning-rate schedule (default constant)")
+    train.add_argument("--schedule", choices=("constant", "warmup", "linear", "cosine"),
+                       help="learning-rate schedule (default constant)")
     train.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of the steps; 0 for constant)")
     train.add_argument("--seed", type=int, help="shuffling seed (default 0)")
     train.add_argument("--drop-last", action="store_true", default=None, help="drop each epoch's last partial batch")
@@ -51,7 +56,7 @@ def add_commands(subparsers) -> None:
         description="Loss and accuracy of the run directory's checkpoint (or, with --initial, the compiled weights).",
     )
     _artifacts_argument(evaluate)
-    evaluate.add_argument("--data", required=True, help="same forms as gfc train --data")
+    evaluate.add_argument("--data", required=True, help=DATA_HELP)
     evaluate.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
     evaluate.add_argument("--initial", action="store_true", help="evaluate the compiled weights, not the trained ones")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -84,7 +89,9 @@ def _session_arguments(parser: argparse.ArgumentParser, device: bool = True) -> 
 
 
 def _preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("image preprocessing (default: manifest.json's, else resize to the model input and scale by 1/255)")
+    group = parser.add_argument_group(
+        "image preprocessing (default: manifest.json's, else resize to the model input and scale by 1/255)"
+    )
     group.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="resize images to H×W")
     group.add_argument("--scale", type=float, help="multiply pixel values (0–255) by this")
     group.add_argument("--mean", type=float, nargs="+", help="per-channel mean subtracted after scaling")

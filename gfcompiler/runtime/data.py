@@ -78,8 +78,8 @@ class Preprocess:
         """The manifest's ``preprocess`` with command-line overrides; size defaults to the model's."""
         manifest = artifacts.preprocess
         size = resize or manifest.get("resize")
-        if size is None:
-            _, height, width = _chw(artifacts)
+        if size is None and len(artifacts.sample_shape) == 3:
+            _, height, width = artifacts.sample_shape
             size = (height, width) if height is not None and width is not None else None
         chosen_scale = scale if scale is not None else manifest.get("scale")
         return cls(

@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from gfcompiler.errors import InputError, TrainingError
-from gfcompiler.runtime._ort import error_message, onnxruntime
+from gfcompiler.ort_training import error_message, onnxruntime
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, OutputError, TrainingError
-from gfcompiler.runtime._ort import error_message, onnxruntime
+from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.trainer import numpy_loss
 
 RTOL = 1e-4

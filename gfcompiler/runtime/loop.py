@@ -142,7 +142,7 @@ def fit(
             if record is not None:
                 history.append(record)
                 run.epoch_done(record, position)
-            if interrupt.requested:
+            if interrupt.requested and (record is None or epoch + 1 < run.config.epochs):
                 return run.interrupted(position, history)
     progress.close()
     return FitResult(position, history, checkpoint=run.checkpoint)

@@ -8,7 +8,7 @@
     trainer.export("finetuned.onnx")   # plain inference model, verified
 
 It wraps onnxruntime-training's Module / Optimizer / CheckpointState (through
-gfcompiler.runtime._ort, so neither torch nor onnx is imported) and adds what they
+gfcompiler.ort_training, so neither torch nor onnx is imported) and adds what they
 leave to the caller: the manifest's learning-rate multiplier, non-finite loss
 detection, labels for the eval model, and errors a user can act on. Epochs, schedules
 and checkpoints are gfcompiler.runtime.loop's job.
@@ -25,7 +25,7 @@ import numpy as np
 
 from gfcompiler.errors import ArtifactError, InputError, TrainingError
 from gfcompiler.runtime import device as devices
-from gfcompiler.runtime._ort import error_message, onnxruntime, training_api
+from gfcompiler.ort_training import api as training_api, error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
 
 
