@@ -44,7 +44,7 @@ def one_step(directory: Path, manifest: dict) -> float:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     y = np.zeros(shape[0], np.int64)
     module.train()
-    loss = float(module(x, y))
+    loss = float(module(x, y)[0])  # outputs: (loss, logits)
     optimizer.step()
     return loss
 

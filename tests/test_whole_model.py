@@ -100,7 +100,7 @@ def test_training_step_lowers_loss(tmp_path):
     losses = []
     for _ in range(5):
         module.lazy_reset_grad()
-        losses.append(float(module(x, y)))
+        losses.append(float(module(x, y)[0]))  # outputs: (loss, logits)
         optimizer.step()
     assert losses[-1] < losses[0] * 0.9, losses
 

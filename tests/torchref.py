@@ -97,7 +97,7 @@ def ort_gradients(directory, x: np.ndarray, labels: np.ndarray) -> tuple[float, 
     module = api.Module(str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx"), device="cpu")
     module.train()
     module.lazy_reset_grad()
-    loss = module(x, labels)
+    loss, _logits = module(x, labels)  # the training model outputs (loss, logits)
     names = [name for name, _ in state.parameters]
     grads = {name: np.array(state.parameters[name].grad) for name in names}
     values = {name: np.array(state.parameters[name].data) for name in names}
