@@ -22,9 +22,12 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) 
 def conv_shape(node: ir.Node) -> ConvShape | str:
     """The conv's `ConvShape`, or a one-line reason why its sizes are not usable."""
     x, w = node.inputs[0], node.inputs[1]
-    if w is None or w.shape is None or len(w.shape) != 4 or x.shape is None or len(x.shape) != 4:
-        rank = len(w.shape) - 2 if w is not None and w.shape is not None else "?"
-        return f"{rank}-D convolution (only 2-D convs are filtered)"
+    if w is None or w.shape is None:
+        return "weight shape unknown"
+    if len(w.shape) != 4:
+        return f"{len(w.shape) - 2}-D convolution (only 2-D convs are filtered)"
+    if x.shape is None or len(x.shape) != 4:
+        return "input shape unknown; pass --input-shape"
     if not all(isinstance(d, int) for d in w.shape):
         return "weight shape unknown"
     n, c, h, wd = x.shape

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 
-from gfcompiler.errors import ArtifactError, OutputError
+from gfcompiler.errors import ArtifactError, OutputError, UnsupportedModelError
 from gfcompiler.manifest import FILES
 
 
@@ -130,5 +131,12 @@ def check_loadable(directory: Path) -> None:
         module = api.Module(paths["training_model"], state, paths["eval_model"], device="cpu", session_options=options)
         api.Optimizer(paths["optimizer_model"], module)
     except Exception as error:  # onnxruntime raises its own exception types
+        missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']+)'", str(error))
+        if missing:
+            kernel, node = missing.groups()
+            raise UnsupportedModelError(
+                f"onnxruntime-training has no CPU kernel for {kernel} (node {node}), needed to train "
+                "through that op; train fewer layers (--layers) so it stays frozen"
+            ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ArtifactError(f"internal error: onnxruntime refuses the generated artifacts: {first[-400:]}") from None

@@ -135,3 +135,43 @@ def test_killed_compilation_leaves_nothing(tmp_path, model_file):
     subprocess.run(argv, check=True, capture_output=True)
     assert (out / "manifest.json").exists()
     assert not any(tmp_path.glob(".out.partial-*"))
+
+
+def test_missing_external_data(tmp_path, model_file, capsys):
+    import onnx
+
+    model = onnx.load(str(model_file))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="external.onnx.data", size_threshold=0)
+    (tmp_path / "external.onnx.data").unlink()
+    code, _, err = run(capsys, "compile", str(path), "-o", str(tmp_path / "out"), "--input-shape", "input=N,3,16,16")
+    assert_clean_error(err, code, 2, "external data file(s) missing next to the model: external.onnx.data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_and_integer_models_are_refused(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def save(nodes, initializers, name):
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers,
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    scale, zero = numpy_helper.from_array(np.array(0.1, np.float32), "scale"), numpy_helper.from_array(np.array(0, np.int8), "zero")
+    w_q = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.int8), "w_q")
+    qdq = save([helper.make_node("DequantizeLinear", ["w_q", "scale", "zero"], ["w"]),
+                helper.make_node("Conv", ["x", "w"], ["y"])], [scale, zero, w_q], "qdq")
+    code, _, err = run(capsys, "compile", str(qdq), "-o", str(tmp_path / "out"))
+    assert_clean_error(err, code, 3, "quantized model (DequantizeLinear)")
+
+    w_int = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.int32), "w")
+    integer = save([helper.make_node("Conv", ["x", "w"], ["y"])], [w_int], "integer")
+    code, _, err = run(capsys, "compile", str(integer), "-o", str(tmp_path / "out"))
+    assert_clean_error(err, code, 3, "INT32 weights")
+    assert not (tmp_path / "out").exists()

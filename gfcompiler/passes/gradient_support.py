@@ -14,6 +14,9 @@ with ``x⁺ = Where(x > 0, x, 0)`` and ``x⁻ = Where(x > 0, 0, x)``: no branch 
 at x = 0 the gradient is torch's (α for Elu, 1/2 for Softplus) rather than whatever a
 ``Min``/``Abs``/``Relu`` tie would give — exact zeros are common (zero padding, no bias).
 * ``Sum(a, b, c, ...) = ((a + b) + c) + ...``  (old Caffe2 exports use variadic Sum for residuals)
+* ``Resize`` (nearest, integer up-scaling of H and W, as ``nn.Upsample`` exports it) =
+  ``Reshape(Expand(Reshape(x, N,C,H,1,W,1), 1,1,1,sh,1,sw), N,C,H·sh,W·sw)``: onnxruntime
+  has a ``ResizeGrad`` builder but no CPU kernel for it; Expand's gradient is a ReduceSum.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 # Ops known to have no gradient builder in onnxruntime-training 1.19.2 (SPEC.md).
-NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu", "Sum"})
+NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu", "Sum", "Resize"})
 
 
 class _Builder:
@@ -39,9 +42,15 @@ class _Builder:
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
 
+    def ints(self, step: str, values: list[int]) -> ir.Value:
+        return self._constant(step, np.asarray(values, dtype=np.int64))
+
     def scalar(self, step: str, value: float) -> ir.Value:
+        return self._constant(step, np.array(value, dtype=np.float32))
+
+    def _constant(self, step: str, array: np.ndarray) -> ir.Value:
         name = f"{self.prefix}/{step}"
-        tensor = ir.tensor(np.array(value, dtype=np.float32), name=name)
+        tensor = ir.tensor(array, name=name)
         constant = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
         self.graph.register_initializer(constant)
         return constant
@@ -103,6 +112,37 @@ def _sum(b: _Builder, node: ir.Node) -> ir.Value:
     return total
 
 
+def _nearest_integer_scales(node: ir.Node) -> tuple[int, int] | None:
+    """(sh, sw) when ``node`` is a nearest Resize that repeats each pixel sh×sw times."""
+    attrs = node.attributes
+    if attrs.get_string("mode", "nearest") != "nearest":
+        return None
+    transform = attrs.get_string("coordinate_transformation_mode", "half_pixel")
+    rounding = attrs.get_string("nearest_mode", "round_prefer_floor")
+    if (transform, rounding) not in {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"),
+                                     ("half_pixel", "round_prefer_ceil"), ("pytorch_half_pixel", "round_prefer_floor")}:
+        return None
+    x, out = node.inputs[0], node.outputs[0]
+    if x.shape is None or out.shape is None or len(x.shape) != 4 or len(out.shape) != 4:
+        return None
+    dims_in, dims_out = list(x.shape), list(out.shape)
+    if not all(isinstance(d, int) for d in dims_in[1:] + dims_out[1:]) or dims_in[1] != dims_out[1]:
+        return None
+    (h, w), (oh, ow) = dims_in[2:], dims_out[2:]
+    if oh % h or ow % w:
+        return None
+    return oh // h, ow // w
+
+
+def _resize(b: _Builder, node: ir.Node) -> ir.Value:
+    sh, sw = _nearest_integer_scales(node)
+    x = node.inputs[0]
+    _, c, h, w = x.shape
+    split = b.op("Reshape", [x, b.ints("split_shape", [0, c, h, 1, w, 1])], "split")
+    repeated = b.op("Expand", [split, b.ints("repeats", [1, 1, 1, sh, 1, sw])], "repeated")
+    return b.op("Reshape", [repeated, b.ints("merged_shape", [0, c, h * sh, w * sw])], "upsampled")
+
+
 RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
@@ -110,7 +150,11 @@ RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
     "Elu": _elu,
     "Selu": _selu,
     "Sum": _sum,
+    "Resize": _resize,
 }
+
+# Rules that apply only to some forms of their op.
+APPLIES = {"Resize": lambda node: _nearest_integer_scales(node) is not None}
 
 
 class DecomposeGradientlessOpsPass(ir.passes.InPlacePass):
@@ -126,8 +170,11 @@ class DecomposeGradientlessOpsPass(ir.passes.InPlacePass):
             rule = RULES.get(node.op_type)
             if rule is None or node.domain not in ("", "ai.onnx"):
                 continue
+            if node.op_type in APPLIES and not APPLIES[node.op_type](node):
+                continue
             replacement = rule(_Builder(model.graph, node), node)
-            replacement.name = node.outputs[0].name
+            original = node.outputs[0]
+            replacement.name, replacement.shape, replacement.dtype = original.name, original.shape, original.dtype
             node.outputs[0].replace_all_uses_with(replacement, replace_graph_outputs=True)
             model.graph.remove(node, safe=True)
             modified = True
