@@ -11,8 +11,9 @@ gradient graph, see `gradient_filter.py`). Node and value names are derived from
 layer's name, so a person reading the graph in Netron sees ``<layer>/gf/dY_avg`` etc.
 
 Formulation (each choice timed on a 2-core CPU with onnxruntime 1.19.2; per-op numbers
-are single-thread CPU time, batch 1, 3×3 stride-1 layers; whole-layer numbers are in
-benchmarks/README.md, "Single-layer backward latency"):
+are single-thread CPU time, batch 1 unless stated, at the 3×3 stride-1 layers of
+benchmarks/README.md, "Single-layer backward latency", which has the whole-layer
+numbers):
 
 * Sum pooling of X is ``AveragePool(count_include_pad=1) · qh·qw``. Windows wholly in
   the padding are added afterwards as zero cells (``Pad`` of the small X_sum), never
@@ -27,10 +28,11 @@ benchmarks/README.md, "Single-layer backward latency"):
   at batch 1 and 2.7 ms at batch 8 for 128 ch 120×160).
 * ``dX_small`` (steps 3–4) is ``W_sumᵀ · dY_avg`` per group: a ``Transpose`` of the small
   W_sum blocks and a batched ``MatMul``, which onnxruntime fuses into one
-  ``FusedMatMul``; a 1×1 ``ConvTranspose`` and a 1×1 ``Conv`` with the transposed W_sum
-  cost the same within noise (all are one SGEMM of Ci×Co×P MACs, ≈1.6 ms for 78 M
-  MACs), the ``MatMul`` was never slower. Depthwise convs use a ``Mul``; step 8 (dilation
-  ≥ r) is a ``ConvTranspose`` with the full kernel.
+  ``FusedMatMul``. A 1×1 ``ConvTranspose`` and a 1×1 ``Conv`` with the transposed W_sum
+  cost the same within 5–10% either way (each is one SGEMM of Ci×Co×P MACs, ≈1.6 ms
+  for 78 M MACs); the ``MatMul`` keeps groups as a batch axis and needs no conv
+  attributes. Depthwise convs use a ``Mul``; step 8 (dilation ≥ r) is a
+  ``ConvTranspose`` with the full kernel.
 * ``dW_sum`` is one batched ``MatMul`` per sample and group, then a ``MatMul`` with a
   1×N ones row sums the batch (``ReduceSum`` over the batch axis is 7–14× slower:
   0.94 ms vs 0.13 ms for 8×512×512); with a static batch of 1 there is no sum.
@@ -189,21 +191,35 @@ def _batch_ones(e: _Emitter, like: ir.Value, batch: int | None) -> ir.Value:
     return e.op("ConstantOfShape", [row_shape], "batch_ones", value=ir.tensor(np.ones(1, np.float32)))
 
 
-def _weight_sum_grad(e: _Emitter, dy_avg: ir.Value, x_sum: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _is_depthwise_like(geom: FilterGeometry) -> bool:
+    """One input and one output channel per group: the products are elementwise."""
+    return geom.conv.out_per_group == 1 and geom.conv.in_per_group == 1
+
+
+def _grad_output_groups(e: _Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
+    """dY_avg viewed as N×g×(Co/g)×P, the layout of the per-group products."""
+    conv = geom.conv
+    shape = e.ints("dY_avg_groups_shape", [0, conv.group, conv.out_per_group, -1])
+    return e.op("Reshape", [dy_avg, shape], "dY_avg_groups")
+
+
+def _weight_sum_grad(
+    e: _Emitter, dy_avg: ir.Value, dy_groups: ir.Value | None, x_sum: ir.Value, geom: FilterGeometry
+) -> ir.Value:
     """Backward steps 3–4: dW_sum = Σ_{n,p} dY_avg ⊗ X_sum, block-diagonal over groups; Co×(Ci/g).
 
     One batched ``MatMul`` per sample and group (N×g×cog×cig), then the batch is summed
     by a second ``MatMul`` with a 1×N ones row (``ReduceSum`` over the batch axis is
-    5–20× slower in ORT CPU); with a static batch of 1 there is nothing to sum.
+    7–14× slower in ORT CPU); with a static batch of 1 there is nothing to sum.
+    Depthwise-like convs are a ``Mul`` and a ``ReduceSum``.
     """
     conv = geom.conv
-    g, cog, cig = conv.group, conv.out_per_group, conv.in_per_group
+    g, cig = conv.group, conv.in_per_group
     dw_sum_shape = e.ints("dW_sum_shape", [conv.out_channels, cig])
-    if cog == 1 and cig == 1:
+    if dy_groups is None:
         product = e.op("Mul", [dy_avg, x_sum], "dY_avg_x_X_sum")
         summed = e.op("ReduceSum", [product, e.ints("dW_sum_axes", [0, 2, 3])], "dW_sum_flat", keepdims=0)
         return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
-    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_groups_shape", [0, g, cog, -1])], "dY_avg_groups_for_dW")
     x_groups = e.op("Reshape", [x_sum, e.ints("X_groups_shape", [0, g, cig, -1])], "X_sum_groups")
     x_groups_t = e.op("Transpose", [x_groups], "X_sum_groups_T", perm=[0, 1, 3, 2])
     per_sample = e.op("MatMul", [dy_groups, x_groups_t], "dW_sum_per_sample")  # N×g×cog×cig
@@ -226,7 +242,8 @@ def _broadcast_weight_grad(e: _Emitter, dw_sum: ir.Value, geom: FilterGeometry) 
 
 
 def _small_input_grad(
-    e: _Emitter, dy_avg: ir.Value, w_sum: ir.Value, w: ir.Value | None, geom: FilterGeometry
+    e: _Emitter, dy_avg: ir.Value, dy_groups: ir.Value | None, w_sum: ir.Value, w: ir.Value | None,
+    geom: FilterGeometry,
 ) -> ir.Value:
     """Backward steps 3, 4 and 8: dX on the patch grid, N×Ci×ph×pw.
 
@@ -242,13 +259,12 @@ def _small_input_grad(
             raise ValueError("the dilated rule (SPEC.md step 8) needs the full kernel")
         d = geom.reduced_dilation
         return e.op("ConvTranspose", [dy_avg, w], "dX_small", group=conv.group, dilations=[d, d], pads=[d, d, d, d])
-    if cog == 1 and cig == 1:
+    if dy_groups is None:
         scale = e.op("Reshape", [w_sum, e.ints("W_sum_channel_shape", [conv.in_channels, 1, 1])], "W_sum_channel")
         return e.op("Mul", [dy_avg, scale], "dX_small")
     ph, pw = geom.patches
     blocks = e.op("Reshape", [w_sum, e.ints("W_sum_blocks_shape", [g, cog, cig])], "W_sum_blocks")
     blocks_t = e.op("Transpose", [blocks], "W_sum_blocks_T", perm=[0, 2, 1])  # g×cig×cog
-    dy_groups = e.op("Reshape", [dy_avg, e.ints("dY_avg_groups_shape", [0, g, cog, ph * pw])], "dY_avg_groups")
     product = e.op("MatMul", [blocks_t, dy_groups], "dX_small_groups")  # N×g×cig×P
     return e.op("Reshape", [product, e.ints("dX_small_shape", [0, conv.in_channels, ph, pw])], "dX_small")
 
@@ -263,8 +279,7 @@ def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) ->
     (negative padding) get zero gradient through a final ``Pad``.
     """
     conv = geom.conv
-    (qh, qw), (ph, pw) = geom.input_patch, geom.patches
-    (bh, bw), (eh, ew) = geom.input_pad_begin, geom.input_pad_end
+    (qh, qw), (ph, pw), (bh, bw) = geom.input_patch, geom.patches, geom.input_pad_begin
     # Output rows i in [row0, row1) lie in patch row (i + bh) // qh; the rest are uncovered.
     row0, row1 = max(0, -bh), min(conv.height, ph * qh - bh)
     col0, col1 = max(0, -bw), min(conv.width, pw * qw - bw)
@@ -308,9 +323,10 @@ def build_filtered_backward(
     """
     e = _Emitter(tape, prefix)
     dy_avg = _average_grad_output(e, dy, geom)
-    dw = _broadcast_weight_grad(e, _weight_sum_grad(e, dy_avg, x_sum, geom), geom)
+    dy_groups = None if _is_depthwise_like(geom) else _grad_output_groups(e, dy_avg, geom)
+    dw = _broadcast_weight_grad(e, _weight_sum_grad(e, dy_avg, dy_groups, x_sum, geom), geom)
     db = _bias_grad(e, dy, dy_avg, geom) if needs_bias_grad else None
     dx = None
     if needs_input_grad:
-        dx = _upsample_and_crop(e, _small_input_grad(e, dy_avg, w_sum, weight, geom), geom)
+        dx = _upsample_and_crop(e, _small_input_grad(e, dy_avg, dy_groups, w_sum, weight, geom), geom)
     return FilteredGradients(input_grad=dx, weight_grad=dw, bias_grad=db)
