@@ -19,16 +19,19 @@ size, into a temporary directory, and every variant is measured the same way:
   the filter's forward summaries (``X_mean``, ``X_sum``, the scheduling anchor: every
   ``<conv>/gf/...`` node the loss depends on), ``fwd`` the rest of the forward pass and
   ``other bwd`` the rest of the backward (activation gradients, the head,
-  gradient accumulation). ``rest`` is the step time minus all kernels: the optimizer
-  session and framework overhead.
+  gradient accumulation). ``optim`` is the optimizer session's step, timed inside each
+  training step, and ``rest`` the step time minus kernels and optimizer: framework
+  overhead (medians of different runs, so it can come out slightly negative).
 * **forward-only**: an optimized plain ``InferenceSession`` of the same model at the
   same batch, the limit a step that trains only the last layers can approach;
   ``step/fwd`` is each variant's step time over it.
 * **peak memory**: each variant in its own subprocess (CPU arena off, so the peak
   follows what the graph keeps alive): the resident-set high-water mark of the first
   training step above the resident set before it (``step peak``), and the process's
-  peak. Beside it the static accounting of the manifest: the bytes the trained convs'
-  backward keeps from forward to backward (``held``) and their backward MACs.
+  peak. Beside it the static accounting of the manifest: the bytes the training graph
+  keeps from forward to backward (``held``, ``totals.held_bytes``: activation gradients'
+  inputs included), the trained convs' share of them (``convs held``, the layers'
+  ``held_bytes``) and the trained convs' backward MACs.
 
 The model's data input gets a fixed batch (``--batch``; a model with a static batch
 keeps its own). ``python -m gfcompiler.bench --probe-memory DIR BATCH THREADS`` is the
@@ -66,7 +69,8 @@ CATEGORY_TITLES = {
     "gf_fwd": "filter's forward summaries",
     "trained_bwd": "trained convs' backward",
     "other_bwd": "other backward kernels",
-    "rest": "optimizer + overhead",
+    "optimizer": "optimizer step",
+    "rest": "framework overhead",
 }
 DEFAULT_BATCH = 8
 BENCH_DESCRIPTION = """\
@@ -98,6 +102,7 @@ class BenchOptions:
     profile_steps: int = 5  # profiled steps per variant (after one unprofiled); 0: no profile
     memory: bool = True  # measure peak memory in subprocesses
     pause: float = 0.03  # seconds of idle before each timed run
+    wait_idle: float = 0.0  # >0: each round waits up to this long for other processes to go idle, busy rounds are redone
 
     def check(self) -> None:
         if not self.patches or any(p < 1 for p in self.patches):
@@ -108,6 +113,8 @@ class BenchOptions:
                 raise InputError(f"{name} must be at least {least}, got {value}")
         if self.batch is not None and self.batch < 1:
             raise InputError(f"--batch must be at least 1, got {self.batch}")
+        if self.wait_idle < 0:
+            raise InputError(f"--wait-idle must be >= 0, got {self.wait_idle}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be at least 1, got {self.threads}")
 
@@ -204,10 +211,14 @@ class TrainingStep:
         feeds = {manifest["inputs"][0]["name"]: x, manifest["label"]["name"]: y}
         self.feeds = [ort.OrtValue.ortvalue_from_numpy(feeds[name]) for name in self.module.input_names()]
 
+        self.last_split: float | None = None  # the optimizer's share of the last call, seconds
+
     def __call__(self) -> None:
         self.module(*self.feeds)
         if self.optimizer is not None:
+            start = time.perf_counter()
             self.optimizer.step()
+            self.last_split = time.perf_counter() - start
         self.module.lazy_reset_grad()
 
     def close(self) -> None:
@@ -231,29 +242,115 @@ class ForwardOnly:
         self.session.run_with_ort_values(self.outputs, self.feeds)
 
 
+# ---------------------------------------------------------------------------- machine load
+
+
+class OtherCpu:
+    """CPU used by *other* processes while a block runs, in cores (Linux; None elsewhere).
+
+    Busy time of the whole machine (``/proc/stat``) minus this process's own user and
+    system time (all its threads, onnxruntime's pools included) over the wall time: 0 on a
+    quiet machine, about 1 when another process keeps one core busy. It tells how much a
+    measurement was contended, which a load average (a 1-minute mean that counts the
+    benchmark itself) cannot.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _sample() -> tuple[int, int, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+        return user + nice + system + irq + softirq, int(own[11]) + int(own[12]), time.monotonic()
+
+    def __enter__(self) -> "OtherCpu":
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *_) -> None:
+        end = self._sample()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        other = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        self.cores = max(other, 0) / ticks / (end[2] - self._start[2])
+
+
+@dataclasses.dataclass
+class Timings:
+    """What `time_interleaved` measured: seconds per call, and how contended the rounds were."""
+
+    samples: dict[str, list[float]]
+    splits: dict[str, list[float]]  # a runner's ``last_split`` (the optimizer's share of a step), per kept call
+    rounds_dropped: int = 0  # rounds measured while other processes were busy, and measured again
+    rounds_busy: int = 0  # rounds kept although other processes were busy (retries used up, or no idle gate)
+    round_other_cores: list[float] = dataclasses.field(default_factory=list)
+
+
+def wait_for_idle(limit_s: float, threshold: float = 0.2, window_s: float = 0.25) -> float | None:
+    """Wait (at most ``limit_s``) until other processes use under ``threshold`` cores over a window.
+
+    Returns the last window's usage (None where `OtherCpu` cannot measure it)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        with OtherCpu() as usage:
+            time.sleep(window_s)
+        if usage.cores is None or usage.cores < threshold or time.monotonic() >= deadline:
+            return usage.cores
+
+
 def time_interleaved(runners: dict[str, Callable[[], None]], rounds: int, warmup: int, pause: float,
-                     progress: Progress = _silent) -> dict[str, list[float]]:
+                     progress: Progress = _silent, idle_wait: float = 0.0, busy_threshold: float = 0.25) -> Timings:
     """Seconds per call of each runner, over ``rounds`` rounds that each call every runner once.
 
     The order rotates from round to round and every call is preceded by ``pause`` seconds
     of idle, so that the thread pool of the session that ran before stops spinning.
-    ``warmup`` untimed rounds come first.
+    ``warmup`` untimed rounds come first. Every round records the CPU other processes
+    used meanwhile (`OtherCpu`); with ``idle_wait`` > 0 each round first waits (up to
+    that many seconds) for them to go idle, and a round during which they used more than
+    ``busy_threshold`` cores is dropped and measured again (at most ``rounds`` times in all).
     """
     names = list(runners)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(warmup + rounds):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            time.sleep(pause)
-            start = time.perf_counter()
-            runners[name]()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                samples[name].append(elapsed)
-        done = i + 1 - warmup
-        if done > 0 and (done == rounds or done % max(1, rounds // 5) == 0):
-            progress(f"timed round {done}/{rounds}")
-    return samples
+    timings = Timings({name: [] for name in names}, {name: [] for name in names})
+    attempt = 0
+    while True:
+        kept = len(timings.samples[names[0]])
+        if kept >= rounds:
+            break
+        if idle_wait and attempt >= warmup:
+            wait_for_idle(idle_wait, busy_threshold * 0.8)
+        k = attempt % len(names)
+        times, splits = {}, {}
+        with OtherCpu() as usage:
+            for name in names[k:] + names[:k]:
+                time.sleep(pause)
+                start = time.perf_counter()
+                runners[name]()
+                times[name] = time.perf_counter() - start
+                splits[name] = getattr(runners[name], "last_split", None)
+        attempt += 1
+        if attempt <= warmup:
+            continue
+        busy = usage.cores is not None and usage.cores > busy_threshold
+        if busy and idle_wait and timings.rounds_dropped < rounds:
+            timings.rounds_dropped += 1
+            continue
+        timings.rounds_busy += busy
+        timings.round_other_cores.append(usage.cores if usage.cores is not None else float("nan"))
+        for name in names:
+            timings.samples[name].append(times[name])
+            if splits[name] is not None:
+                timings.splits[name].append(splits[name])
+        done = kept + 1
+        if done == rounds or done % max(1, rounds // 5) == 0:
+            extra = f" ({timings.rounds_dropped} measured again: other processes busy)" if timings.rounds_dropped else ""
+            progress(f"timed round {done}/{rounds}{extra}")
+    return timings
 
 
 # ---------------------------------------------------------------------------- profile attribution
@@ -520,7 +617,9 @@ def run_bench(model_path: os.PathLike | str, options: BenchOptions | None = None
         }
         x, _ = make_batch(variants[0].manifest, batch)
         runners["forward"] = ForwardOnly(forward_path, x, options.threads)
-        samples = time_interleaved(runners, options.repeats, options.warmup, options.pause, progress)
+        with OtherCpu() as contention:
+            timings = time_interleaved(runners, options.repeats, options.warmup, options.pause, progress,
+                                       idle_wait=options.wait_idle)
         for runner in runners.values():
             if isinstance(runner, TrainingStep):
                 runner.close()
@@ -539,26 +638,38 @@ def run_bench(model_path: os.PathLike | str, options: BenchOptions | None = None
                 if "error" in memory[v.key]:
                     progress(f"warning: {v.label}: {memory[v.key]['error']}")
         load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
-        return _report(model_path, options, batch, variants, samples, profiles, memory, ort.__version__, load_start, load_end)
+        report = _report(model_path, options, batch, variants, timings, profiles, memory, ort.__version__,
+                         load_start, load_end)
+        report["environment"]["other_cpu_cores_while_timing"] = contention.cores
+        return report
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
     return None if value is None or not base else value / base
 
 
-def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[Variant], samples: dict, profiles: dict,
-            memory: dict, ort_version: str, load_start, load_end) -> dict:
+def _conv_held(manifest: dict) -> dict:
+    """Bytes the trained convs' backward keeps from forward to backward (sum of the layer records)."""
+    trained = [layer for layer in manifest["layers"] if layer["trained"]]
+    return {"convs_held_bytes": sum(layer.get("held_bytes") or 0 for layer in trained),
+            "convs_held_bytes_exact": sum(layer.get("held_bytes_exact") or 0 for layer in trained)}
+
+
+def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[Variant], timings: Timings,
+            profiles: dict, memory: dict, ort_version: str, load_start, load_end) -> dict:
+    samples = timings.samples
     exact = variants[0]
-    forward = stats(samples["forward"])
+    forward = stats(samples["forward"]) | {"samples_ms": [round(t * 1e3, 3) for t in samples["forward"]]}
     exact_steps = samples[exact.key]
     exact_profile = profiles.get(exact.key) or {}
     exact_memory = memory.get(exact.key) or {}
     rows = []
     for v in variants:
         totals = v.manifest["totals"]
-        step = stats(samples[v.key])
+        step = stats(samples[v.key]) | {"samples_ms": [round(t * 1e3, 3) for t in samples[v.key]]}
         profile = profiles.get(v.key) or {}
         mem = memory.get(v.key) or {}
+        optimizer = stats(timings.splits[v.key])
         paired = [a / b for a, b in zip(samples[v.key], exact_steps)]
         bwd = (profile.get("trained_bwd") or {}).get("median_ms")
         rows.append({
@@ -569,15 +680,20 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
             "step": step,
             "step_over_forward": step["median_ms"] / forward["median_ms"],
             "profile": profile,
-            "rest_ms": (step["median_ms"] - profile["kernels"]["median_ms"]) if profile else None,
+            "optimizer": optimizer,
+            # What neither the profiled kernels nor the optimizer account for (medians of different runs).
+            "rest_ms": (step["median_ms"] - profile["kernels"]["median_ms"] - optimizer["median_ms"]) if profile else None,
             "memory": mem or None,
-            "static": {key: totals[key] for key in ("held_bytes", "held_bytes_exact", "backward_macs", "backward_macs_exact")},
+            "static": {key: totals[key] for key in ("held_bytes", "held_bytes_exact", "backward_macs", "backward_macs_exact")}
+            | _conv_held(v.manifest),
             "ratios": {  # filtered / exact
                 "step": float(np.median(paired)),
                 "step_of_medians": step["median_ms"] / stats(exact_steps)["median_ms"],
                 "trained_bwd": _ratio(bwd, (exact_profile.get("trained_bwd") or {}).get("median_ms")),
                 "step_peak": _ratio(mem.get("step_peak_kib"), exact_memory.get("step_peak_kib")),
                 "held_bytes": _ratio(totals["held_bytes"], exact.manifest["totals"]["held_bytes"]),
+                "convs_held_bytes": _ratio(_conv_held(v.manifest)["convs_held_bytes"],
+                                           _conv_held(exact.manifest)["convs_held_bytes"]),
                 "backward_macs": _ratio(totals["backward_macs"], exact.manifest["totals"]["backward_macs"]),
             },
         })
@@ -597,6 +713,10 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
             "cpus": os.cpu_count(),
             "load_average_start": list(load_start) if load_start else None,
             "load_average_end": list(load_end) if load_end else None,
+            "idle_wait_s": options.wait_idle,
+            "rounds_measured_again": timings.rounds_dropped,
+            "rounds_kept_busy": timings.rounds_busy,
+            "round_other_cpu_cores": [round(c, 3) for c in timings.round_other_cores],
         },
         "forward": forward,
         "variants": rows,
@@ -642,13 +762,16 @@ def render_table(report: dict) -> str:
     lines = [
         f"{Path(report['model']).name}: batch {report['batch']}, {report['layers']} trained, "
         f"onnxruntime {env['onnxruntime']}, {threads} intra-op threads, {env['cpus']} CPUs"
-        + (f", load {load[0][0]:.2f} -> {load[1][0]:.2f}" if load[0] and load[1] else ""),
+        + (f", load {load[0][0]:.2f} -> {load[1][0]:.2f}" if load[0] and load[1] else "")
+        + (f", other processes used {other:.2f} cores while timing" if (other := env.get("other_cpu_cores_while_timing")) is not None else "")
+        + (f" ({env['rounds_measured_again']} rounds measured again, {env['rounds_kept_busy']} kept busy)"
+           if env.get("idle_wait_s") else ""),
         f"step: median ±IQR of {report['repeats']} interleaved rounds; x exact: median of per-round ratios "
         f"(filtered/exact); kernels: onnxruntime profiler, median of {report['profile_steps']} steps",
         "",
     ]
     header = ("variant", "step ms", "x exact", "step/fwd", "trained bwd ms", "x exact", "gf fwd ms", "fwd ms",
-              "other bwd ms", "rest ms")
+              "other bwd ms", "optim ms", "rest ms")
     rows = []
     for row in report["variants"]:
         p = row["profile"] or {}
@@ -656,12 +779,14 @@ def render_table(report: dict) -> str:
             _variant_name(row), _ms(row["step"]), _x(row["ratios"]["step"]), _x(row["step_over_forward"]),
             _ms(p.get("trained_bwd")), _x(row["ratios"]["trained_bwd"]),
             _ms(p.get("gf_fwd"), iqr=False) if row["patch"] else "-", _ms(p.get("fwd"), iqr=False),
-            _ms(p.get("other_bwd"), iqr=False), "-" if row["rest_ms"] is None else _num(row["rest_ms"]),
+            _ms(p.get("other_bwd"), iqr=False), _ms(row["optimizer"], iqr=False),
+            "-" if row["rest_ms"] is None else _num(row["rest_ms"]),
         ))
     lines += _columns(header, rows)
     lines.append(f"forward-only (optimized InferenceSession, same batch): {_ms(report['forward'])} ms")
     lines.append("")
-    header = ("variant", "step peak MiB", "x exact", "process peak MiB", "held MiB", "x exact", "bwd MMAC", "x exact")
+    header = ("variant", "step peak MiB", "x exact", "process peak MiB", "held MiB", "x exact", "convs held MiB",
+              "x exact", "bwd MMAC", "x exact")
     rows = []
     for row in report["variants"]:
         mem, static, ratios = row["memory"] or {}, row["static"], row["ratios"]
@@ -670,12 +795,13 @@ def render_table(report: dict) -> str:
             f"{mem['step_peak_kib'] / 1024:.1f}" if "step_peak_kib" in mem else "-", _x(ratios["step_peak"]),
             f"{mem['process_peak_kib'] / 1024:.1f}" if "process_peak_kib" in mem else "-",
             f"{static['held_bytes'] / 2**20:.2f}", _x(ratios["held_bytes"]),
+            f"{static['convs_held_bytes'] / 2**20:.2f}", _x(ratios["convs_held_bytes"]),
             f"{static['backward_macs'] / 1e6:.1f}", _x(ratios["backward_macs"]),
         ))
     lines += _columns(header, rows)
     lines.append("step peak: resident-set peak of a first training step over the resident set before it "
-                 "(own process, CPU arena off); held: bytes kept for the trained convs' backward (manifest); "
-                 "bwd MMAC: trained convs' backward")
+                 "(own process, CPU arena off)\nheld: bytes the training graph keeps from forward to backward; convs held: "
+                 "the trained convs' share (manifest, static); bwd MMAC: trained convs' backward")
     return "\n".join(lines)
 
 
@@ -695,7 +821,8 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     import matplotlib.ticker
 
     titles = titles or [f"{Path(r['model']).stem}, {r['layers']}" for r in reports]
-    colors = {"fwd": "#9db4d0", "gf_fwd": "#e8a33d", "trained_bwd": "#c0392b", "other_bwd": "#7f8c8d", "rest": "#d5d8dc"}
+    colors = {"fwd": "#9db4d0", "gf_fwd": "#e8a33d", "trained_bwd": "#c0392b", "other_bwd": "#7f8c8d",
+              "optimizer": "#8e6fb5", "rest": "#d5d8dc"}
     positions, labels, group_centers = [], [], []
     x = 0.0
     for report in reports:
@@ -712,11 +839,16 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     rows = [row for report in reports for row in report["variants"]]
     bottoms = np.zeros(len(rows))
     profiled = any(row["profile"] for row in rows)
-    for part in (*CATEGORIES, "rest") if profiled else ():
+    for part in (*CATEGORIES, "optimizer", "rest") if profiled else ():
         heights = []
         for row in rows:
             p = row["profile"] or {}
-            heights.append(max(row["rest_ms"] or 0.0, 0.0) if part == "rest" else (p.get(part) or {}).get("median_ms", 0.0))
+            if part == "rest":
+                heights.append(max(row["rest_ms"] or 0.0, 0.0))
+            elif part == "optimizer":
+                heights.append(row["optimizer"]["median_ms"])
+            else:
+                heights.append((p.get(part) or {}).get("median_ms", 0.0))
         heights = np.asarray(heights)
         step_ax.bar(positions, heights, 0.8, bottom=bottoms, color=colors[part], label=CATEGORY_TITLES[part])
         bottoms += heights
@@ -735,22 +867,27 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     step_ax.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
     bwd = [((row["profile"] or {}).get("trained_bwd") or {}).get("median_ms", np.nan) for row in rows]
     bwd_ax.bar(positions, bwd, 0.8, color=colors["trained_bwd"])
-    bwd_ax.set_yscale("log")
-    if np.isfinite(bwd).any():
-        bwd_ax.set_ylim(np.nanmin(bwd) / 3, np.nanmax(bwd) * 2)
-    bwd_ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    bwd_ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    bwd_ax.set_ylabel("trained convs'\nbackward, ms (log)")
+    finite = [value for value in bwd if np.isfinite(value) and value > 0]
+    logarithmic = bool(finite) and max(finite) / min(finite) > 10
+    if logarithmic:
+        bwd_ax.set_yscale("log")
+        bwd_ax.set_ylim(min(finite) / 3, max(finite) * 2)
+        bwd_ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        bwd_ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    bwd_ax.set_ylabel("trained convs'\nbackward, ms" + (" (log)" if logarithmic else ""))
     for x_pos, value in zip(positions, bwd):
         if np.isfinite(value):
             bwd_ax.annotate(_num(value), (x_pos, value), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6)
     mem = [((row["memory"] or {}).get("step_peak_kib", np.nan)) / 1024 for row in rows]
     held = [row["static"]["held_bytes"] / 2**20 for row in rows]
+    convs_held = [row["static"]["convs_held_bytes"] / 2**20 for row in rows]
     mem_ax.bar(positions, mem, 0.8, color="#5d6d7e", label="step peak over resident set before it (measured)")
     mem_ax.scatter(positions, held, marker="_", s=160, linewidths=2, color="#e8a33d", zorder=3,
-                   label="kept for the trained convs' backward (static)")
+                   label="kept from forward to backward, whole graph (static)")
+    mem_ax.scatter(positions, convs_held, marker="_", s=160, linewidths=2, color="#c0392b", zorder=3,
+                   label="... by the trained convs (static)")
     mem_ax.set_ylabel("memory, MiB")
-    mem_ax.legend(fontsize=7, ncol=2 if len(positions) > 6 else 1, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
+    mem_ax.legend(fontsize=7, ncol=3 if len(positions) > 6 else 1, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
     mem_ax.set_xticks(positions, labels, fontsize=7)
     for center, title in zip(group_centers, titles):
         mem_ax.annotate(title, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -18),
@@ -796,6 +933,9 @@ def add_command(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per session (default: onnxruntime's)")
     parser.add_argument("--profile-steps", type=int, default=5, help="profiled steps per variant (default 5; 0: no profile)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each round wait up to this long for other processes to leave the CPUs idle, "
+                             "and measure again a round during which they were busy (default 0: off)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W", help="as in gfc compile")
     parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart (needs matplotlib: the bench extra)")
@@ -808,7 +948,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     options = BenchOptions(
         layers=args.layers, patches=parse_patches(args.patch), batch=args.batch, repeats=args.repeats,
-        warmup=args.warmup, threads=args.threads, profile_steps=args.profile_steps,
+        warmup=args.warmup, threads=args.threads, profile_steps=args.profile_steps, wait_idle=args.wait_idle,
         input_shapes=[InputShape.parse(text) for text in args.input_shape],
     )
     options.check()

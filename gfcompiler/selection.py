@@ -24,6 +24,7 @@ import dataclasses
 import networkx as nx
 import onnx_ir as ir
 
+from gfcompiler.constants import add_initializer
 from gfcompiler.errors import InputError, UnsupportedModelError
 
 PARAMETRIC_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
@@ -157,19 +158,10 @@ def untie_frozen_uses(graph: ir.Graph, selection: Selection) -> int:
             continue
         inside = [node for node in value.consumers() if node in selection.trained_region]
         for node in inside:
-            copy_name = _unique_name(graph, f"{node.name}.{name}")
-            tensor = ir.tensor(value.const_value.numpy().copy(), name=copy_name)
-            copy = ir.Value(name=copy_name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-            graph.register_initializer(copy)
+            copy = add_initializer(graph, f"{node.name}.{name}", value.const_value.numpy().copy())
             for index, operand in enumerate(node.inputs):
                 if operand is value:
                     node.replace_input_with(index, copy)
             copied += 1
     return copied
 
-
-def _unique_name(graph: ir.Graph, name: str) -> str:
-    candidate, index = name, 1
-    while candidate in graph.initializers:
-        candidate, index = f"{name}_{index}", index + 1
-    return candidate

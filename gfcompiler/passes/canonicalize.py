@@ -12,12 +12,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from gfcompiler.constants import add_initializer
 from gfcompiler.loading import tensor_array
-
-
-def _const(name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    return ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
 
 
 def _is_default_domain(node: ir.Node) -> bool:
@@ -45,11 +41,9 @@ class FoldConstantOfShapePass(ir.passes.InPlacePass):
             attr = node.attributes.get("value")
             fill = attr.as_tensor().numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
             array = np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
-            name = node.outputs[0].name
-            initializer = _const(name, array)
-            node.outputs[0].replace_all_uses_with(initializer)
-            model.graph.remove(node, safe=True)
-            model.graph.register_initializer(initializer)
+            output = node.outputs[0]
+            model.graph.remove(node, safe=False)  # its output keeps its uses until replaced below
+            output.replace_all_uses_with(add_initializer(model.graph, output.name, array))
             modified = True
         return ir.passes.PassResult(model, modified)
 
@@ -120,11 +114,8 @@ class FoldBatchNormIntoConvPass(ir.passes.InPlacePass):
                 continue
             scale, shift = affine
             name = conv.name or bn.name
-            folded_w = _const(f"{name}.weight", (weight * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
-            folded_b = _const(f"{name}.bias", (bias * scale + shift).astype(np.float32))
-            for value in (folded_w, folded_b):
-                value.name = _unique_initializer_name(model.graph, value.name)
-                model.graph.register_initializer(value)
+            folded_w = add_initializer(model.graph, f"{name}.weight", (weight * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
+            folded_b = add_initializer(model.graph, f"{name}.bias", (bias * scale + shift).astype(np.float32))
             conv.replace_input_with(1, folded_w)
             if len(conv.inputs) > 2:
                 conv.replace_input_with(2, folded_b)
@@ -135,13 +126,6 @@ class FoldBatchNormIntoConvPass(ir.passes.InPlacePass):
             model.graph.remove(bn, safe=True)
             modified = True
         return ir.passes.PassResult(model, modified)
-
-
-def _unique_initializer_name(graph: ir.Graph, name: str) -> str:
-    candidate, index = name, 1
-    while candidate in graph.initializers:
-        candidate, index = f"{name}_{index}", index + 1
-    return candidate
 
 
 class BatchNormToAffinePass(ir.passes.InPlacePass):
@@ -164,10 +148,8 @@ class BatchNormToAffinePass(ir.passes.InPlacePass):
             scale, shift = affine
             broadcast = (-1,) + (1,) * (len(x.shape) - 2)
             name = bn.name or bn.outputs[0].name
-            scale_value = _const(_unique_initializer_name(model.graph, f"{name}.frozen_scale"), scale.astype(np.float32).reshape(broadcast))
-            shift_value = _const(_unique_initializer_name(model.graph, f"{name}.frozen_shift"), shift.astype(np.float32).reshape(broadcast))
-            model.graph.register_initializer(scale_value)
-            model.graph.register_initializer(shift_value)
+            scale_value = add_initializer(model.graph, f"{name}.frozen_scale", scale.astype(np.float32).reshape(broadcast))
+            shift_value = add_initializer(model.graph, f"{name}.frozen_shift", shift.astype(np.float32).reshape(broadcast))
             mul = ir.node("Mul", [x, scale_value], name=f"{name}/frozen_scale")
             add = ir.node("Add", [mul.outputs[0], shift_value], name=f"{name}/frozen_shift")
             mul.outputs[0].name = f"{name}/scaled"

@@ -26,6 +26,8 @@ from collections.abc import Callable, Collection
 import numpy as np
 import onnx_ir as ir
 
+from gfcompiler.constants import add_initializer
+
 # Ops known to have no gradient builder in onnxruntime-training 1.19.2 (SPEC.md).
 NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu", "Sum", "Resize"})
 
@@ -49,11 +51,7 @@ class _Builder:
         return self._constant(step, np.array(value, dtype=np.float32))
 
     def _constant(self, step: str, array: np.ndarray) -> ir.Value:
-        name = f"{self.prefix}/{step}"
-        tensor = ir.tensor(array, name=name)
-        constant = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(constant)
-        return constant
+        return add_initializer(self.graph, f"{self.prefix}/{step}", array)
 
 
 def _clip01(b: _Builder, x: ir.Value, alpha: float, beta: float) -> ir.Value:
