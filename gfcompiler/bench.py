@@ -25,10 +25,10 @@ size, into a temporary directory, and every variant is measured the same way:
 * **forward-only**: an optimized plain ``InferenceSession`` of the same model at the
   same batch, the limit a step that trains only the last layers can approach;
   ``step/fwd`` is each variant's step time over it.
-* **peak memory**: each variant in its own subprocess (CPU arena off, so the peak
+* **peak memory**: each variant in fresh subprocesses (CPU arena off, so the peak
   follows what the graph keeps alive): the resident-set high-water mark of the first
   training step above the resident set before it (``step peak``), and the process's
-  peak. Beside it the static accounting of the manifest: the bytes the training graph
+  peak; medians over ``--memory-runs`` processes (one process varies by a few MiB). Beside it the static accounting of the manifest: the bytes the training graph
   keeps from forward to backward (``held``, ``totals.held_bytes``: activation gradients'
   inputs included), the trained convs' share of them (``convs held``, the layers'
   ``held_bytes``) and the trained convs' backward MACs.
@@ -100,7 +100,7 @@ class BenchOptions:
     threads: int | None = None  # intra-op threads; None: onnxruntime's default
     input_shapes: list = dataclasses.field(default_factory=list)  # [loading.InputShape]
     profile_steps: int = 5  # profiled steps per variant (after one unprofiled); 0: no profile
-    memory: bool = True  # measure peak memory in subprocesses
+    memory_runs: int = 3  # fresh subprocesses per variant for peak memory (median reported); 0: none
     pause: float = 0.03  # seconds of idle before each timed run
     wait_idle: float = 0.0  # >0: each round waits up to this long for other processes to go idle, busy rounds are redone
 
@@ -108,7 +108,7 @@ class BenchOptions:
         if not self.patches or any(p < 1 for p in self.patches):
             raise InputError(f"--patch needs sizes >= 1 (the exact baseline is always included), got {self.patches}")
         for name, value, least in (("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0),
-                                   ("--profile-steps", self.profile_steps, 0)):
+                                   ("--profile-steps", self.profile_steps, 0), ("--memory-runs", self.memory_runs, 0)):
             if value < least:
                 raise InputError(f"{name} must be at least {least}, got {value}")
         if self.batch is not None and self.batch < 1:
@@ -543,6 +543,35 @@ def measure_memory(directory: Path, batch: int, threads: int | None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_memory_variants(variants: list["Variant"], batch: int, threads: int | None, runs: int,
+                            progress: Progress = _silent) -> dict[str, dict]:
+    """`measure_memory` ``runs`` times per variant (variants alternating); the median of each field.
+
+    One process's step peak varies by several MiB from run to run (allocation order under
+    two threads), hence several fresh processes."""
+    results: dict[str, list[dict]] = {v.key: [] for v in variants}
+    for _ in range(runs):
+        for v in variants:
+            result = measure_memory(v.directory, batch, threads)
+            if "error" in result:
+                progress(f"warning: {v.label}: {result['error']}")
+            else:
+                results[v.key].append(result)
+    summary = {}
+    for v in variants:
+        found = results[v.key]
+        if not found:
+            summary[v.key] = {}
+            continue
+        peaks = [r["step_peak_kib"] for r in found]
+        summary[v.key] = {
+            "step_peak_kib": int(np.median(peaks)), "step_peak_kib_min": min(peaks), "step_peak_kib_max": max(peaks),
+            "process_peak_kib": int(np.median([r["process_peak_kib"] for r in found])),
+            "runs": len(found), "method": found[0]["method"],
+        }
+    return summary
+
+
 # ---------------------------------------------------------------------------- the benchmark
 
 
@@ -631,16 +660,16 @@ def run_bench(model_path: os.PathLike | str, options: BenchOptions | None = None
             progress(f"profiling {options.profile_steps} steps of each variant")
             profiles = profile_variants(variants, batch, options, workdir, progress)
         memory: dict[str, dict] = {}
-        if options.memory:
-            for v in variants:
-                progress(f"peak memory of {v.label} (own process)")
-                memory[v.key] = measure_memory(v.directory, batch, options.threads)
-                if "error" in memory[v.key]:
-                    progress(f"warning: {v.label}: {memory[v.key]['error']}")
+        if options.memory_runs:
+            progress(f"peak memory: {options.memory_runs} fresh process(es) per variant")
+            memory = measure_memory_variants(variants, batch, options.threads, options.memory_runs, progress)
         load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
         report = _report(model_path, options, batch, variants, timings, profiles, memory, ort.__version__,
                          load_start, load_end)
-        report["environment"]["other_cpu_cores_while_timing"] = contention.cores
+        kept = [c for c in timings.round_other_cores if np.isfinite(c)]
+        # CPU other processes used during the kept rounds (the whole phase includes waiting for them).
+        report["environment"]["other_cpu_cores_while_timing"] = float(np.mean(kept)) if kept else contention.cores
+        report["environment"]["other_cpu_cores_timing_phase"] = contention.cores
         return report
 
 
@@ -799,8 +828,9 @@ def render_table(report: dict) -> str:
             f"{static['backward_macs'] / 1e6:.1f}", _x(ratios["backward_macs"]),
         ))
     lines += _columns(header, rows)
+    runs = next((row["memory"]["runs"] for row in report["variants"] if row["memory"]), 0)
     lines.append("step peak: resident-set peak of a first training step over the resident set before it "
-                 "(own process, CPU arena off)\nheld: bytes the training graph keeps from forward to backward; convs held: "
+                 f"(fresh process, CPU arena off; median of {runs})\nheld: bytes the training graph keeps from forward to backward; convs held: "
                  "the trained convs' share (manifest, static); bwd MMAC: trained convs' backward")
     return "\n".join(lines)
 
@@ -933,6 +963,8 @@ def add_command(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per session (default: onnxruntime's)")
     parser.add_argument("--profile-steps", type=int, default=5, help="profiled steps per variant (default 5; 0: no profile)")
+    parser.add_argument("--memory-runs", type=int, default=3,
+                        help="fresh processes per variant measuring peak memory; the median is reported (default 3; 0: skip)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each round wait up to this long for other processes to leave the CPUs idle, "
                              "and measure again a round during which they were busy (default 0: off)")
@@ -949,7 +981,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         layers=args.layers, patches=parse_patches(args.patch), batch=args.batch, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, profile_steps=args.profile_steps, wait_idle=args.wait_idle,
-        input_shapes=[InputShape.parse(text) for text in args.input_shape],
+        memory_runs=args.memory_runs, input_shapes=[InputShape.parse(text) for text in args.input_shape],
     )
     options.check()
     _check_output_path(args.json, "--json")
