@@ -12,6 +12,8 @@ size, into a temporary directory, and every variant is measured the same way:
   round to round, after a short pause (the previous session's spinning thread pool
   must not compete). Medians and IQRs are over rounds; the ratios ``×exact`` are the
   median of the per-round ratios, so slow drifts of the machine's load cancel out.
+  ``--wait-idle`` makes each round wait for other processes to leave the CPUs idle and
+  measures again a round during which they were busy (`OtherCpu`).
 * **where the step goes**: onnxruntime's profiler, on separate sessions (profiling
   costs time), attributes kernel time to the nodes of ``training_model.onnx``:
   ``trained bwd`` is the backward of the trained convs (their ``ConvGrad`` nodes, or
@@ -28,8 +30,9 @@ size, into a temporary directory, and every variant is measured the same way:
 * **peak memory**: each variant in fresh subprocesses (CPU arena off, so the peak
   follows what the graph keeps alive): the resident-set high-water mark of the first
   training step above the resident set before it (``step peak``), and the process's
-  peak; medians over ``--memory-runs`` processes (one process varies by a few MiB). Beside it the static accounting of the manifest: the bytes the training graph
-  keeps from forward to backward (``held``, ``totals.held_bytes``: activation gradients'
+  peak; medians over ``--memory-runs`` processes (one process varies by a few MiB).
+  Beside it the static accounting of the manifest: the bytes the training graph keeps
+  from forward to backward (``held``, ``totals.held_bytes``: activation gradients'
   inputs included), the trained convs' share of them (``convs held``, the layers'
   ``held_bytes``) and the trained convs' backward MACs.
 
@@ -102,7 +105,7 @@ class BenchOptions:
     profile_steps: int = 5  # profiled steps per variant (after one unprofiled); 0: no profile
     memory_runs: int = 3  # fresh subprocesses per variant for peak memory (median reported); 0: none
     pause: float = 0.03  # seconds of idle before each timed run
-    wait_idle: float = 0.0  # >0: each round waits up to this long for other processes to go idle, busy rounds are redone
+    wait_idle: float = 0.0  # >0: each round waits up to this long for an idle machine; busy rounds are redone
 
     def check(self) -> None:
         if not self.patches or any(p < 1 for p in self.patches):
@@ -633,7 +636,8 @@ def run_bench(model_path: os.PathLike | str, options: BenchOptions | None = None
             label = "exact" if patch == 0 else f"r={patch}"
             progress(f"compiling {label} ({i + 1}/{len(options.patches) + 1})")
             directory = workdir / ("exact" if patch == 0 else f"r{patch}")
-            manifest = compile_model(model_path, directory, CompileOptions(layers=options.layers, patch=patch, input_shapes=shapes))
+            compile_options = CompileOptions(layers=options.layers, patch=patch, input_shapes=shapes)
+            manifest = compile_model(model_path, directory, compile_options)
             variants.append(Variant(label, patch, directory, manifest))
         forward_path = workdir / "forward.onnx"
         ir.save(plain, str(forward_path))
@@ -792,7 +796,8 @@ def render_table(report: dict) -> str:
         f"{Path(report['model']).name}: batch {report['batch']}, {report['layers']} trained, "
         f"onnxruntime {env['onnxruntime']}, {threads} intra-op threads, {env['cpus']} CPUs"
         + (f", load {load[0][0]:.2f} -> {load[1][0]:.2f}" if load[0] and load[1] else "")
-        + (f", other processes used {other:.2f} cores while timing" if (other := env.get("other_cpu_cores_while_timing")) is not None else "")
+        + ("" if (other := env.get("other_cpu_cores_while_timing")) is None
+           else f", other processes used {other:.2f} cores while timing")
         + (f" ({env['rounds_measured_again']} rounds measured again, {env['rounds_kept_busy']} kept busy)"
            if env.get("idle_wait_s") else ""),
         f"step: median ±IQR of {report['repeats']} interleaved rounds; x exact: median of per-round ratios "
@@ -830,8 +835,9 @@ def render_table(report: dict) -> str:
     lines += _columns(header, rows)
     runs = next((row["memory"]["runs"] for row in report["variants"] if row["memory"]), 0)
     lines.append("step peak: resident-set peak of a first training step over the resident set before it "
-                 f"(fresh process, CPU arena off; median of {runs})\nheld: bytes the training graph keeps from forward to backward; convs held: "
-                 "the trained convs' share (manifest, static); bwd MMAC: trained convs' backward")
+                 f"(fresh process, CPU arena off; median of {runs})")
+    lines.append("held: bytes the training graph keeps from forward to backward; convs held: the trained convs' share "
+                 "(manifest, static); bwd MMAC: trained convs' backward")
     return "\n".join(lines)
 
 
@@ -956,7 +962,8 @@ def add_command(subparsers) -> None:
     )
     parser.add_argument("model", help="input .onnx model")
     parser.add_argument("--layers", default=None, help="as in gfc compile (default: last 4 convs)")
-    parser.add_argument("--patch", default="4", help="comma-separated patch sizes, e.g. 2,4,7 (the exact baseline always runs; default 4)")
+    parser.add_argument("--patch", default="4",
+                        help="comma-separated patch sizes, e.g. 2,4,7 (the exact baseline always runs; default 4)")
     parser.add_argument("--batch", type=int, default=None,
                         help=f"batch size (default: the model's static batch, else {DEFAULT_BATCH})")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved timed rounds (default 20)")

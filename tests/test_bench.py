@@ -23,7 +23,8 @@ def test_bench_runs_and_reports_sane_fields(tiny_model, tmp_path, capsys):
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     plotting = importlib.util.find_spec("matplotlib") is not None
     argv = ["bench", str(tiny_model), "--layers", "2", "--patch", "2,4", "--batch", "2", "--repeats", "3",
-            "--warmup", "1", "--profile-steps", "2", "--threads", "1", "--wait-idle", "0.5", "--memory-runs", "1", "--json", str(json_path)]
+            "--warmup", "1", "--profile-steps", "2", "--threads", "1", "--wait-idle", "0.5", "--memory-runs", "1",
+            "--json", str(json_path)]
     if plotting:
         argv += ["--plot", str(plot_path)]
     code = main(argv)
