@@ -33,6 +33,7 @@ from gfcompiler.manifest import FILES, sha256_file, write_manifest
 from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
+from gfcompiler.passes.training_cleanup import DropUnusedMaxPoolIndicesPass
 from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
 
 Progress = Callable[[str], None]
@@ -158,11 +159,13 @@ def _accounting_batch(model: ir.Model) -> int:
 def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], model: ir.Model,
                             options: CompileOptions) -> _Accounting:
     training = ir.load(os.fspath(path))
+    DropUnusedMaxPoolIndicesPass()(training)
     batch, shapes = _accounting_batch(model), _known_shapes(model)
     conv_grads = {forward_conv_of(n).name: n for n in training.graph if is_conv_grad(n) and forward_conv_of(n) is not None}
     input_grad_needed = {name: bool(node.outputs[0].uses()) for name, node in conv_grads.items()}
     exact = memory.held_for_backward(training.graph, {name: {node} for name, node in conv_grads.items()}, batch, shapes)
     if not geometries:
+        ir.save(training, os.fspath(path))
         return _Accounting(batch, exact, exact, input_grad_needed)
     rewrite = GradientFilterPass(geometries, force_forward_pooling=options.force_forward_pooling)
     rewrite(training)
@@ -242,8 +245,11 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
             "trained_layers": len(trained),
             "backward_macs_exact": sum(layer.get("backward_macs_exact", 0) for layer in trained),
             "backward_macs": sum(layer.get("backward_macs", 0) for layer in trained),
+            # Whole training graph (ReLU gradients etc. included) vs the trained convs' backward alone.
             "held_bytes_exact": accounting.exact.total_bytes,
             "held_bytes": accounting.emitted.total_bytes,
+            "trained_convs_held_bytes_exact": sum(layer.get("held_bytes_exact") or 0 for layer in trained),
+            "trained_convs_held_bytes": sum(layer.get("held_bytes") or 0 for layer in trained),
             "held_bytes_unknown": accounting.emitted.unknown,
         },
         "layers": layers,

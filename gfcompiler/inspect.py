@@ -21,7 +21,7 @@ def _mib(value: int | None) -> str:
 
 
 def _mmacs(value: int | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.1f}"
+    return "-" if value is None else f"{value / 1e6:.3g}"
 
 
 def _shape(dims) -> str:
@@ -73,8 +73,9 @@ def render_summary(manifest: dict) -> str:
         f"patch {patch}{' (exact backward)' if patch == 0 else ''}",
         f"filtered {totals['filtered_layers']} of {totals['trained_layers']} trained convs; "
         f"trained-conv backward MACs (batch {batch}): {_mmacs(exact_macs)}M exact -> {_mmacs(macs)}M ({ratio})",
-        f"held from forward to backward (whole graph, batch {batch}): {_mib(totals['held_bytes_exact'])} MiB exact -> "
-        f"{_mib(totals['held_bytes'])} MiB",
+        f"held from forward to backward, batch {batch}: trained convs' backward "
+        f"{_mib(totals.get('trained_convs_held_bytes_exact'))} MiB exact -> {_mib(totals.get('trained_convs_held_bytes'))} MiB; "
+        f"whole graph {_mib(totals['held_bytes_exact'])} MiB exact -> {_mib(totals['held_bytes'])} MiB",
     ]
     return "\n".join(lines)
 
