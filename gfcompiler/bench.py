@@ -50,8 +50,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gfcompiler.runtime.peak_memory import peak_kib, reset_peak_kib
 from gfcompiler.errors import GfcError, InputError, OutputError, UnsupportedModelError
 from gfcompiler.manifest import FILES, read_manifest
 
@@ -499,41 +498,15 @@ def profile_variants(variants: list["Variant"], batch: int, options: BenchOption
 # ---------------------------------------------------------------------------- peak memory
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak() -> bool:
-    """Reset the resident-set high-water mark to the current resident set (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_kib() -> int:
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value // 1024 if sys.platform == "darwin" else value  # bytes on macOS, KiB on Linux
-
-
 def probe_memory(directory: Path, batch: int, threads: int | None) -> dict:
     """Peak memory of the first training step of ``directory`` (run in a fresh process)."""
     manifest = read_manifest(directory)
     step = TrainingStep(directory, manifest, batch, threads, arena=False)
-    exact_peak = _reset_peak() and _proc_status_kib("VmHWM") is not None
-    before = _proc_status_kib("VmRSS") if exact_peak else _maxrss_kib()
+    before = reset_peak_kib()
     step()
-    peak = _proc_status_kib("VmHWM") if exact_peak else _maxrss_kib()
-    # Not ru_maxrss for the process peak: Linux carries it over from the parent across exec.
+    peak = peak_kib()
     return {"step_peak_kib": peak - before, "process_peak_kib": peak,
-            "method": "VmHWM reset before the step" if exact_peak else "ru_maxrss delta (includes set-up peaks)"}
+            "method": "VmHWM reset before the step (gfcompiler.runtime.peak_memory)"}
 
 
 def measure_memory(directory: Path, batch: int, threads: int | None) -> dict:

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

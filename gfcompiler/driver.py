@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 import gfcompiler
 from gfcompiler import artifacts, memory, outdir
-from gfcompiler.errors import InputError, UnsupportedModelError
+from gfcompiler.errors import InputError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
 from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model, measure_unknown_conv_inputs

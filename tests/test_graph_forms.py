@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import torchref
 from gfcompiler.driver import CompileOptions, compile_model

@@ -6,7 +6,6 @@ import pytest
 
 import models
 from gfcompiler.driver import CompileOptions, compile_model
-from gfcompiler.errors import UnsupportedModelError
 
 
 @pytest.mark.slow
