@@ -161,7 +161,11 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
     training = ir.load(os.fspath(path))
     DropUnusedMaxPoolIndicesPass()(training)
     batch, shapes = _accounting_batch(model), _known_shapes(model)
-    conv_grads = {forward_conv_of(n).name: n for n in training.graph if is_conv_grad(n) and forward_conv_of(n) is not None}
+    conv_grads = {}
+    for node in training.graph:
+        forward = forward_conv_of(node) if is_conv_grad(node) else None
+        if forward is not None:
+            conv_grads[forward.name] = node
     input_grad_needed = {name: bool(node.outputs[0].uses()) for name, node in conv_grads.items()}
     exact = memory.held_for_backward(training.graph, {name: {node} for name, node in conv_grads.items()}, batch, shapes)
     if not geometries:

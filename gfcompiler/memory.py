@@ -38,15 +38,11 @@ class HeldTensors:
 
 def tensor_bytes(value: ir.Value, batch: int, known_shapes: dict[str, tuple] | None = None) -> int | None:
     """Bytes of ``value`` with symbolic dims read as the batch size; None when unknown."""
-    shape = value.shape
-    dims = None
-    if shape is not None and all(isinstance(d, int) or d is not None for d in shape):
-        dims = [d if isinstance(d, int) else None for d in shape]
-    if dims is None or any(d is None for d in dims[1:]):
-        if known_shapes and value.name in known_shapes:
-            dims = list(known_shapes[value.name])
-        if dims is None or any(d is None for d in dims[1:]):
-            return None
+    dims = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
+    if (dims is None or None in dims[1:]) and known_shapes and value.name in known_shapes:
+        dims = list(known_shapes[value.name])
+    if dims is None or None in dims[1:]:
+        return None
     size = 1
     for d in dims:
         size *= batch if d is None else d

@@ -35,8 +35,20 @@ from gfcompiler.runtime.schedule import LRSchedule
 from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer
 
 
+class _JsonRecord:
+    """A dataclass stored as a JSON object in state.json; unknown keys are ignored on reading."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_JsonRecord):
     """What defines a run; stored in every checkpoint and reused on ``--resume``."""
 
     epochs: int = 5
@@ -47,13 +59,6 @@ class TrainConfig:
     seed: int = 0
     drop_last: bool = False
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
     def checked(self, artifacts: Artifacts, samples: int, progress: Progress) -> TrainConfig:
         """Validated against the model and data; a fixed-batch model drops its last partial batch."""
@@ -82,7 +87,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Position:
+class Position(_JsonRecord):
     """Where training stands: ``epoch`` in progress (0-based), next ``batch`` in it, and the
     running sums of that epoch. ``batch == 0`` means ``epoch`` epochs are complete."""
 
@@ -94,13 +99,6 @@ class Position:
     correct: int = 0
     counted: int = 0
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> Position:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclasses.dataclass
