@@ -5,8 +5,11 @@ with only onnxruntime and numpy installed, so the compiler's modules (onnx, onnx
 networkx) are imported by their own submodules, never from here.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The artifact format version written into every manifest. The runtime refuses
 # artifacts whose format it does not know (see gfcompiler.runtime.artifacts).
-ARTIFACT_FORMAT = 1
+# Format 2 added two-stage artifacts (a frozen prefix model before the training suffix);
+# format 1 directories are single-graph ones and still read.
+ARTIFACT_FORMAT = 2
+READABLE_ARTIFACT_FORMATS = (1, 2)

@@ -46,6 +46,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=[InputShape.parse(text) for text in args.input_shape],
         force=args.force,
         force_forward_pooling=not args.no_forward_pooling,
+        keep_softmax=args.keep_softmax,
     )
     manifest = compile_model(args.model, args.output, options, progress=(lambda _: None) if args.quiet else _stage)
     if not args.quiet:
@@ -72,6 +73,10 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("--layers", default=None, help="last N convs, 'all', or comma-separated Conv node names (default: last 4)")
     parser.add_argument("--patch", type=int, default=4, help="patch size r (2, 4, 7 in the paper); 0 = exact backward baseline (default 4)")
     parser.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "l1"], default="cross_entropy")
+    parser.add_argument("--keep-softmax", action="store_true",
+                        help="with --loss cross_entropy, keep a Softmax that ends the model; by default the model is "
+                             "trained on the Softmax's input (the logits), as the loss applies its own softmax, and "
+                             "the artifacts output logits (a warning says so)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     parser.add_argument("--weight-decay", type=float, default=None, help="default 0.01 for adamw (decoupled), 0 for sgd (coupled)")

@@ -6,7 +6,9 @@ The stages, in order (each reported through ``progress``):
 2. canonicalize (`gfcompiler.passes.canonicalize`) and infer shapes;
 3. select the trained layers (`gfcompiler.selection`) and rewrite ops without a
    gradient in the trained region (`gfcompiler.passes.gradient_support`);
-4. generate onnxruntime-training artifacts (`gfcompiler.artifacts`);
+4. cut the model before the trained region into a frozen prefix inference model and
+   the trained suffix (`gfcompiler.split`; ``single_graph`` keeps one graph), and
+   generate onnxruntime-training artifacts for the suffix (`gfcompiler.artifacts`);
 5. rewrite the trained convs' backward (`gfcompiler.passes.gradient_filter`) and
    account the memory held for backward, exact vs filtered (`gfcompiler.memory`);
 6. check the artifacts load in onnxruntime, write the manifest, and move the
@@ -21,18 +23,20 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 import gfcompiler
-from gfcompiler import artifacts, memory, outdir
+from gfcompiler import artifacts, memory, outdir, split
 from gfcompiler.errors import InputError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
 from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model, measure_unknown_conv_inputs
-from gfcompiler.manifest import FILES, sha256_file, write_manifest
+from gfcompiler.manifest import FILES, TWO_STAGE_FILES, sha256_file, write_manifest
 from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
+from gfcompiler.passes.output_head import strip_softmax_for_loss
 from gfcompiler.passes.training_cleanup import DropUnusedMaxPoolIndicesPass
 from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
 
@@ -51,6 +55,8 @@ class CompileOptions:
     force: bool = False
     force_forward_pooling: bool = True  # False only to demonstrate what the dependency buys
     preprocess: dict | None = None
+    keep_softmax: bool = False  # cross_entropy: keep an output Softmax instead of training on its input
+    single_graph: bool = False  # True: no frozen prefix model, the whole forward in the training graph
 
 
 def _silent(_: str) -> None:
@@ -65,6 +71,7 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
     for canonical_pass in canonicalization_passes():
         canonical_pass(model)
     model = infer_shapes(model)
+    strip_softmax_for_loss(model, options.loss, options.keep_softmax, progress)  # result in model.meta
     _require_spatial_sizes(model)
     measure_unknown_conv_inputs(model)
     layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers  # None: default
@@ -121,17 +128,55 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
     model, selection = prepare_model(model_path, options, progress)
     shapes, geometries = _layer_geometries(selection, options.patch)
     _check_patch(options.patch, selection, shapes)
+    form = _Form.choose(model, selection, options)
     with outdir.staging_directory(output_dir, force=options.force) as staging:
+        training_source = ir.to_proto(model)
+        if form.split is not None:
+            progress(f"splitting: {form.split.prefix_nodes} frozen nodes into the prefix model, "
+                     f"{form.split.suffix_nodes} in the trained suffix, {len(form.split.boundary)} tensor(s) cross")
+            form.write_stage_models(model, selection, staging)
+            training_source = form.split.suffix
         progress(f"generating training graph ({selection.rule}; {len(selection.trainable_params)} trainable tensors)")
-        artifacts.generate(ir.to_proto(model), selection.trainable_params, options.loss, options.optimizer, staging)
+        artifacts.generate(training_source, selection.trainable_params, options.loss, options.optimizer, staging)
         progress("rewriting the backward of trained convs" if geometries else "keeping the exact backward")
         accounting = _rewrite_training_model(staging / FILES["training_model"], geometries, model, options)
         progress("checking the artifacts load in onnxruntime")
         outdir.check_loadable(staging)
-        manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, staging)
+        manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, form, staging)
         write_manifest(staging, manifest)
     progress(f"wrote {output_dir}")
     return manifest
+
+
+@dataclasses.dataclass
+class _Form:
+    """Two-stage (a frozen prefix model, then the trained suffix's artifacts) or a single graph, and why."""
+
+    split: split.Split | None
+    reason: str | None  # why single-graph
+
+    @classmethod
+    def choose(cls, model: ir.Model, selection: Selection, options: CompileOptions) -> _Form:
+        if options.single_graph:
+            return cls(None, "--single-graph")
+        reason = split.why_not_split(model, selection)
+        return cls(None, reason) if reason else cls(split.split_model(model, selection), None)
+
+    def write_stage_models(self, model: ir.Model, selection: Selection, staging: Path) -> None:
+        onnx.save(self.split.prefix, os.fspath(staging / TWO_STAGE_FILES["prefix_model"]))
+        onnx.save(split.export_model(model, selection.trainable_params), os.fspath(staging / TWO_STAGE_FILES["export_model"]))
+        for key in TWO_STAGE_FILES:
+            artifacts.cap_ir_version(staging / TWO_STAGE_FILES[key])
+
+    def to_manifest(self) -> dict:
+        if self.split is None:
+            return {"form": "single_graph", "single_graph_reason": self.reason}
+        return {
+            "form": "two_stage",
+            "boundary": [tensor.to_manifest() for tensor in self.split.boundary],
+            "prefix_nodes": self.split.prefix_nodes,
+            "suffix_nodes": self.split.suffix_nodes,
+        }
 
 
 @dataclasses.dataclass
@@ -219,13 +264,16 @@ def _layer_record(conv: ir.Node, selection: Selection, shape: ConvShape | str, g
 
 
 def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: dict, geometries: dict,
-              accounting: _Accounting, options: CompileOptions, staging: Path) -> dict:
+              accounting: _Accounting, options: CompileOptions, form: _Form, staging: Path) -> dict:
     layers = [
         _layer_record(conv, selection, shapes[conv.name], geometries.get(conv.name), accounting, options.patch)
         for conv in selection.convs
     ]
     eval_inputs = outdir.session_io(staging / FILES["eval_model"])
     data_names = {value.name for value in data_inputs(model)}
+    if form.split is not None:
+        data_names |= {tensor.name for tensor in form.split.boundary}
+    files = {**FILES, **(TWO_STAGE_FILES if form.split is not None else {})}
     label = [io for io in eval_inputs["inputs"] if io["name"] not in data_names and io["name"] not in selection.trainable_params]
     trained = [layer for layer in layers if layer["trained"]]
     return {
@@ -233,7 +281,8 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
         "gfcompiler_version": gfcompiler.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_model": {"path": str(model_path), "sha256": sha256_file(model_path)},
-        "files": dict(FILES),
+        "files": files,
+        **form.to_manifest(),
         "inputs": [_io_record(value) for value in data_inputs(model)],
         "outputs": [_io_record(value) for value in model.graph.outputs],
         "label": label[0] if label else None,
@@ -257,7 +306,7 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
             "held_bytes_unknown": accounting.emitted.unknown,
         },
         "layers": layers,
-        "file_digests": {name: sha256_file(staging / name) for name in FILES.values()},
+        "file_digests": {name: sha256_file(staging / name) for name in files.values()},
     }
 
 

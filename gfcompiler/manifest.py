@@ -8,6 +8,14 @@ A compiled directory holds::
     optimizer_model.onnx   the optimizer step
     checkpoint             trainable parameters (and later optimizer state)
 
+Two-stage artifacts (the default, see gfcompiler.split) add::
+
+    prefix_model.onnx      the frozen prefix: an inference model, data input -> boundary tensors
+    export_model.onnx      the whole forward with the trainable parameters as inputs (for export)
+
+and their training/eval models are the trained suffix, whose data inputs are the
+boundary tensors.
+
 Manifest keys the runtime relies on (all others are informational)::
 
     format               int, must equal gfcompiler.ARTIFACT_FORMAT
@@ -24,6 +32,10 @@ Manifest keys the runtime relies on (all others are informational)::
     preprocess           {"resize": [H, W] | null, "mean": [...] | null, "std": [...] | null,
                           "scale": float}  how raw images become model input (may be null)
     file_digests         {file name: sha256}  to detect artifacts edited by hand
+    form                 "two_stage" | "single_graph" (absent in format 1: single_graph)
+    boundary             [{"name", "shape", "dtype", "from_input": bool}]  two-stage only: the
+                         suffix's data inputs in order; ``from_input`` ones are the data input
+                         itself, the others are outputs of the prefix model
 
 Only the standard library is imported: the runtime reads manifests too.
 """
@@ -40,6 +52,10 @@ FILES = {
     "eval_model": "eval_model.onnx",
     "optimizer_model": "optimizer_model.onnx",
     "checkpoint": "checkpoint",
+}
+TWO_STAGE_FILES = {
+    "prefix_model": "prefix_model.onnx",
+    "export_model": "export_model.onnx",
 }
 
 

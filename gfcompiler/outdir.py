@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 
 from gfcompiler.errors import ArtifactError, OutputError, UnsupportedModelError
-from gfcompiler.manifest import FILES
+from gfcompiler.manifest import FILES, TWO_STAGE_FILES
 
 
 def check_writable_target(target: Path, force: bool) -> None:
@@ -130,6 +130,13 @@ def check_loadable(directory: Path) -> None:
         state = api.CheckpointState.load_checkpoint(paths["checkpoint"])
         module = api.Module(paths["training_model"], state, paths["eval_model"], device="cpu", session_options=options)
         api.Optimizer(paths["optimizer_model"], module)
+        for key, name in TWO_STAGE_FILES.items():
+            if (directory / name).exists():
+                if key == "export_model":
+                    api.Module(paths["training_model"], state, os.fspath(directory / name), device="cpu",
+                               session_options=options)
+                else:
+                    ort.InferenceSession(os.fspath(directory / name), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
         missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']+)'", str(error))
         if missing:

@@ -3,8 +3,9 @@
 `open_artifacts` reads ``manifest.json`` (schema: gfcompiler.manifest), refuses a format
 this gfcompiler does not read, checks that every file is there and still has the sha256
 the compiler recorded, and returns an `Artifacts` with the few facts the runtime uses
-(input, output and label specs, loss, learning-rate multiplier). Every problem is an
-ArtifactError with a one-line message.
+(input, output and label specs, loss, learning-rate multiplier, and for two-stage
+artifacts the boundary between the frozen prefix and the trained suffix). Every problem
+is an ArtifactError with a one-line message.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from gfcompiler import ARTIFACT_FORMAT, __version__
+from gfcompiler import READABLE_ARTIFACT_FORMATS, __version__
 from gfcompiler.errors import ArtifactError
-from gfcompiler.manifest import FILES, MANIFEST_NAME, read_manifest, sha256_file
+from gfcompiler.manifest import FILES, MANIFEST_NAME, TWO_STAGE_FILES, read_manifest, sha256_file
 
 LOSSES = ("cross_entropy", "mse", "bce", "l1")
 
@@ -37,6 +38,14 @@ class TensorSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class BoundaryTensor:
+    """A tensor crossing from the prefix into the suffix; ``from_input``: the data input itself."""
+
+    name: str
+    from_input: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Artifacts:
     """A verified artifact directory."""
 
@@ -47,9 +56,20 @@ class Artifacts:
     label: TensorSpec
     loss: str
     lr_multiplier: float
+    boundary: tuple[BoundaryTensor, ...] = ()  # empty: single-graph artifacts
+
+    @property
+    def two_stage(self) -> bool:
+        """A frozen prefix model runs before the training model (gfcompiler.split)."""
+        return bool(self.boundary)
+
+    @property
+    def training_inputs(self) -> tuple[str, ...]:
+        """The data inputs of the training and eval models (the label not included)."""
+        return tuple(b.name for b in self.boundary) if self.boundary else (self.input.name,)
 
     def path(self, key: str) -> Path:
-        """The path of one of the files in gfcompiler.manifest.FILES."""
+        """The path of one of the files in gfcompiler.manifest.FILES (or TWO_STAGE_FILES)."""
         return self.directory / self.manifest["files"][key]
 
     @property
@@ -104,11 +124,11 @@ def open_artifacts(directory: str | Path, *, verify: bool = True) -> Artifacts:
 
 def _check_format(directory: Path, manifest: dict) -> None:
     found = manifest.get("format")
-    if found != ARTIFACT_FORMAT:
+    if found not in READABLE_ARTIFACT_FORMATS:
         made_by = manifest.get("gfcompiler_version", "an unknown version")
         raise ArtifactError(
             f"{directory} holds artifacts in format {found} (made by gfcompiler {made_by}); "
-            f"gfcompiler {__version__} reads format {ARTIFACT_FORMAT}: recompile the model"
+            f"gfcompiler {__version__} reads formats {', '.join(map(str, READABLE_ARTIFACT_FORMATS))}: recompile the model"
         )
 
 
@@ -121,22 +141,29 @@ def _parse(directory: Path, manifest: dict) -> Artifacts:
         loss = str(manifest["loss"])
         lr_multiplier = float((manifest.get("optimizer") or {}).get("lr_multiplier", 1.0))
         files = manifest["files"]
-        missing_keys = [key for key in FILES if key not in files]
+        form = manifest.get("form", "single_graph")
+        required = {**FILES, **(TWO_STAGE_FILES if form == "two_stage" else {})}
+        missing_keys = [key for key in required if key not in files]
+        boundary = tuple(BoundaryTensor(str(b["name"]), bool(b.get("from_input"))) for b in manifest.get("boundary") or ())
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ArtifactError(f"{where} is corrupted or incomplete (bad or missing key {error})") from None
     if missing_keys:
         raise ArtifactError(f"{where} names no file for {', '.join(missing_keys)}")
+    if form not in ("single_graph", "two_stage") or (form == "two_stage") != bool(boundary):
+        raise ArtifactError(f"{where} is corrupted: form {form!r} with {len(boundary)} boundary tensor(s)")
     if len(inputs) != 1:
         raise ArtifactError(f"{where} lists {len(inputs)} data inputs; the runtime trains models with exactly one")
     if not outputs:
         raise ArtifactError(f"{where} lists no model output")
     if loss not in LOSSES:
         raise ArtifactError(f"{where} names loss {loss!r}; this runtime knows {', '.join(LOSSES)}")
-    return Artifacts(directory, manifest, inputs[0], outputs[0], label, loss, lr_multiplier)
+    if any(b.from_input and b.name != inputs[0].name for b in boundary):
+        raise ArtifactError(f"{where} is corrupted: a boundary tensor marked from_input is not the data input")
+    return Artifacts(directory, manifest, inputs[0], outputs[0], label, loss, lr_multiplier, boundary)
 
 
 def _check_files(artifacts: Artifacts, verify: bool) -> None:
-    paths = [artifacts.path(key) for key in FILES]
+    paths = [artifacts.directory / name for name in artifacts.manifest["files"].values()]
     for path in paths:
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the artifact directory is incomplete, recompile the model")

@@ -3,7 +3,10 @@
 onnxruntime-training's ``Module.export_model_for_inferencing`` takes the eval model,
 keeps the nodes that produce the requested outputs (the logits, not the loss, so the
 label input disappears) and writes the current parameters into it as initializers; no
-onnx package is needed. The model is written to a temporary file beside the target,
+onnx package is needed. Two-stage artifacts recombine prefix and trained suffix the
+same way: their ``export_model.onnx`` is the whole forward graph with the trainable
+parameters as inputs, which a second Module (on a copy of the current parameters, so
+the training module's state is never touched) takes as its eval model and exports. The model is written to a temporary file beside the target,
 loaded by a plain ``InferenceSession`` on CPU, checked to take only the data input and
 to reproduce the runtime's eval outputs on a fixed batch, and only then moved into place
 with ``os.replace``.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, OutputError, TrainingError
-from gfcompiler.ort_training import error_message, onnxruntime
+from gfcompiler.ort_training import api as training_api, error_message, onnxruntime
 from gfcompiler.runtime.trainer import numpy_loss
 
 RTOL = 1e-4
@@ -39,7 +43,7 @@ def export_inference_model(trainer, path: str | Path, *, overwrite: bool = False
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
     try:
         try:
-            trainer.module.export_model_for_inferencing(temporary, [trainer.artifacts.output.name])
+            write_inference_model(trainer, temporary)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
             if not os.access(path.parent, os.W_OK):
                 raise OutputError(f"cannot write {path}: permission denied") from None
@@ -51,6 +55,24 @@ def export_inference_model(trainer, path: str | Path, *, overwrite: bool = False
         if temporary.exists():
             temporary.unlink()
     return path
+
+
+def write_inference_model(trainer, path: Path) -> None:
+    """Write ``trainer``'s whole model with its current weights to ``path`` (no checks; onnxruntime errors pass)."""
+    artifacts, outputs = trainer.artifacts, [trainer.artifacts.output.name]
+    if not artifacts.two_stage:
+        trainer.module.export_model_for_inferencing(path, outputs)
+        return
+    api = training_api()
+    with tempfile.TemporaryDirectory(prefix="gfc-export-") as scratch:
+        checkpoint = Path(scratch) / "checkpoint"
+        api.CheckpointState.save_checkpoint(trainer.state, checkpoint)
+        state = api.CheckpointState.load_checkpoint(checkpoint)
+        options = onnxruntime().SessionOptions()
+        options.log_severity_level = 3
+        module = api.Module(artifacts.path("training_model"), state, artifacts.path("export_model"), device="cpu",
+                            session_options=options)
+        module.export_model_for_inferencing(path, outputs)
 
 
 def probe_batch(trainer) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,8 @@
 
 It wraps onnxruntime-training's Module / Optimizer / CheckpointState (through
 gfcompiler.ort_training, so neither torch nor onnx is imported) and adds what they
-leave to the caller: the manifest's learning-rate multiplier, non-finite loss
+leave to the caller: for two-stage artifacts, the frozen prefix model run before the
+training module (gfcompiler.runtime.prefix), and the manifest's learning-rate multiplier, non-finite loss
 detection, labels for the eval model, and errors a user can act on. Epochs, schedules
 and checkpoints are gfcompiler.runtime.loop's job.
 """
@@ -27,6 +28,7 @@ from gfcompiler.errors import ArtifactError, InputError, TrainingError
 from gfcompiler.runtime import device as devices
 from gfcompiler.ort_training import api as training_api, error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
+from gfcompiler.runtime.prefix import FrozenPrefix
 
 
 class NonFiniteLoss(TrainingError):
@@ -72,6 +74,7 @@ class Trainer:
         self.state = self._load_state()
         self._options = devices.session_options(threads, memory_arena=memory_arena)
         self.module, self.optimizer = self._create_sessions()
+        self.prefix = self._create_prefix(threads)
         self._applied_lr: float | None = None
         self._inference: tuple[int, object] | None = None
         self._train_io = self._io_positions(training=True)
@@ -114,13 +117,20 @@ class Trainer:
             raise ArtifactError(f"onnxruntime cannot load the artifacts in {a.directory}: {message}") from None
         return module, optimizer
 
+    def _create_prefix(self, threads: int | None) -> FrozenPrefix | None:
+        a = self.artifacts
+        if not a.two_stage:
+            return None
+        outputs = [b.name for b in a.boundary if not b.from_input]
+        return FrozenPrefix(a.path("prefix_model"), a.input.name, outputs, self.device, threads)
+
     def _io_positions(self, training: bool) -> tuple[list[str], int, int | None]:
         """(input order, loss output index, model output index or None) of one session."""
         self.module.train(training)
         inputs = list(self.module.input_names())
         outputs = list(self.module.output_names())
         self.module.train(True)
-        expected = {self.artifacts.input.name, self.artifacts.label.name}
+        expected = {*self.artifacts.training_inputs, self.artifacts.label.name}
         if set(inputs) != expected:
             kind = "training" if training else "eval"
             raise ArtifactError(
@@ -162,7 +172,8 @@ class Trainer:
         return StepResult(loss, fetches[output_index] if output_index is not None else None)
 
     def _run(self, names: list[str], x: np.ndarray, y: np.ndarray, training: bool) -> tuple[np.ndarray, ...]:
-        feeds = {self.artifacts.input.name: self._check_x(x), self.artifacts.label.name: self._check_y(y, len(x))}
+        feeds = self._stage_inputs(self._check_x(x))
+        feeds[self.artifacts.label.name] = self._check_y(y, len(x))
         self.module.train(training)
         try:
             fetches = self.module(*(feeds[name] for name in names))
@@ -172,6 +183,15 @@ class Trainer:
         finally:
             self.module.train(True)
         return fetches if isinstance(fetches, tuple) else (fetches,)
+
+    def _stage_inputs(self, x: np.ndarray) -> dict:
+        """The training module's data inputs: ``x``, or the prefix's boundary tensors (and ``x`` if it crosses)."""
+        if self.prefix is None:
+            return {self.artifacts.input.name: x}
+        feeds = self.prefix(x)
+        if any(b.from_input for b in self.artifacts.boundary):
+            feeds[self.artifacts.input.name] = x
+        return feeds
 
     def _check_x(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -223,11 +243,13 @@ class Trainer:
         InferenceSession, and the session is reused until the next training step.
         """
         if self._inference is None or self._inference[0] != self.steps_taken:
+            from gfcompiler.runtime.export import write_inference_model
+
             ort = onnxruntime()
             with tempfile.TemporaryDirectory(prefix="gfc-inference-") as scratch:
                 path = Path(scratch) / "model.onnx"
                 try:
-                    self.module.export_model_for_inferencing(path, [self.artifacts.output.name])
+                    write_inference_model(self, path)
                     session = ort.InferenceSession(str(path), self._options, providers=self.device.providers)
                 except Exception as error:  # noqa: BLE001
                     raise ArtifactError(

@@ -1,0 +1,57 @@
+"""The frozen prefix of two-stage artifacts: an optimized InferenceSession before the training module.
+
+Two-stage artifacts (gfcompiler.split) hold the frozen part of the network as a plain
+inference model. `FrozenPrefix` runs it with every graph optimization onnxruntime has
+(layout transformation and fusions the training session does not apply) on the
+training's execution provider, and hands the boundary tensors over as OrtValues bound
+through an IOBinding, so nothing is copied on the way: on CUDA they stay on the GPU.
+
+Its CPU memory arena is off by default. An arena keeps the largest activation set the
+prefix ever needed reserved for the whole run, on top of the training session's own,
+where a single-graph step would have freed it; without it the prefix's activations are
+released as soon as the boundary tensors are computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gfcompiler.errors import ArtifactError, TrainingError
+from gfcompiler.ort_training import error_message, onnxruntime
+from gfcompiler.runtime import device as devices
+
+
+class FrozenPrefix:
+    """``prefix(x)`` -> {boundary tensor name: OrtValue} for the prefix model at ``path``."""
+
+    def __init__(self, path: Path, input_name: str, output_names: list[str], device: devices.Device,
+                 threads: int | None = None, *, memory_arena: bool = False):
+        ort = onnxruntime()
+        options = devices.session_options(threads, memory_arena=memory_arena)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=device.providers)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
+            raise ArtifactError(f"onnxruntime cannot load the prefix model {path}: {error_message(error)}") from None
+        found = {output.name for output in self.session.get_outputs()}
+        missing = [name for name in output_names if name not in found]
+        if missing:
+            raise ArtifactError(f"the prefix model {path} does not output {', '.join(missing)}: recompile the model")
+        self.input_name = input_name
+        self.output_names = list(output_names)
+        self._device_type = "cpu" if device.kind == "cpu" else "cuda"
+        self._device_index = device.index
+        self._where = device.ort_device
+
+    def __call__(self, x: np.ndarray) -> dict:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, x)
+        for name in self.output_names:
+            binding.bind_output(name, self._device_type, self._device_index)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as error:  # noqa: BLE001
+            raise TrainingError(f"the frozen prefix failed on {self._where}: {error_message(error)}") from None
+        return dict(zip(self.output_names, binding.get_outputs()))

@@ -1,0 +1,142 @@
+"""Cutting a model at the boundary of its trained region: a frozen prefix and a trained suffix.
+
+When only the last layers train, almost all of the forward pass is frozen. An
+onnxruntime training session runs its forward with basic graph optimizations only
+(no layout transformation, fewer fusions), so the frozen part costs 1.4–2.4× what it
+costs in an inference session. Two-stage artifacts run it there instead:
+
+* the **prefix** is every node that depends on no trained parameter. It is a plain
+  inference model whose outputs are the *boundary* tensors;
+* the **suffix** is the trained region (`Selection.trained_region`: the trained convs
+  and everything downstream of them, which is exactly the set of nodes that depend on
+  a trained parameter). Its inputs are the boundary tensors; onnxruntime-training
+  builds the training artifacts from it alone.
+
+The boundary is every tensor a suffix node reads that the suffix does not compute:
+prefix outputs and data inputs, never initializers. A chain crosses with one tensor;
+skip connections make several (resnet18 trained from ``layer4.0.conv2`` on needs the
+layer-3 output for the trained downsample conv and the frozen ``layer4.0.conv1``
+path's activation). A data input the suffix reads directly crosses as itself: the
+runtime feeds it to both stages.
+
+`export_model` is the third piece: the whole forward graph with the trainable
+parameters as graph inputs. onnxruntime-training's ``export_model_for_inferencing``
+fills those inputs with the trained values, so the runtime recombines prefix and
+suffix into one inference model without the onnx package.
+
+The graphs are cut with `onnx.utils.Extractor` (reachability from the requested
+outputs back to the requested inputs) on the canonical, shape-inferred model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import onnx.utils
+import onnx_ir as ir
+
+from gfcompiler.loading import data_inputs
+from gfcompiler.selection import Selection
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryTensor:
+    """A tensor that crosses from the prefix (or the data input) into the suffix."""
+
+    name: str
+    shape: tuple[int | None, ...] | None
+    dtype: str
+    from_input: bool  # a data input the suffix reads directly (the prefix does not output it)
+
+    def to_manifest(self) -> dict:
+        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype,
+                "from_input": self.from_input}
+
+
+@dataclasses.dataclass
+class Split:
+    """The pieces of a two-stage compilation, as protos ready to save or hand to onnxruntime-training."""
+
+    prefix: onnx.ModelProto
+    suffix: onnx.ModelProto
+    boundary: list[BoundaryTensor]
+    prefix_nodes: int
+    suffix_nodes: int
+
+
+def boundary_values(graph: ir.Graph, region: set[ir.Node]) -> list[ir.Value]:
+    """Values read by ``region`` nodes that no ``region`` node produces (initializers excluded), in node order."""
+    crossing: list[ir.Value] = []
+    for node in graph:
+        if node not in region:
+            continue
+        for value in node.inputs:
+            if value is None or value.is_initializer() or value in crossing:
+                continue
+            if value.producer() is None or value.producer() not in region:
+                crossing.append(value)
+    return crossing
+
+
+def why_not_split(model: ir.Model, selection: Selection) -> str | None:
+    """Why ``model`` cannot (or need not) be cut before its trained region; None when it can."""
+    region = selection.trained_region
+    frozen = [node for node in model.graph if node not in region]
+    if not frozen:
+        return "every node is in the trained region: there is no frozen prefix"
+    inputs = set(data_inputs(model))
+    if not any(value not in inputs for value in boundary_values(model.graph, region)):
+        return "the trained region reads only the data input: the frozen nodes do not feed it"
+    first_output = model.graph.outputs[0]
+    if first_output.producer() not in region:
+        return f"the model output {first_output.name!r} does not depend on a trained layer"
+    for value in boundary_values(model.graph, region):
+        if value.shape is None or value.dtype is None:
+            return f"tensor {value.name!r} crossing into the trained region has no inferred type/shape"
+    return None
+
+
+def split_model(model: ir.Model, selection: Selection) -> Split:
+    """Cut ``model`` into prefix and suffix at the trained region (`why_not_split` must be None)."""
+    region = selection.trained_region
+    crossing = boundary_values(model.graph, region)
+    inputs = set(data_inputs(model))
+    boundary = [_boundary_tensor(value, value in inputs) for value in crossing]
+    proto = ir.to_proto(model)
+    extractor = onnx.utils.Extractor(proto)
+    input_names = [value.name for value in data_inputs(model)]
+    prefix = extractor.extract_model(input_names, [b.name for b in boundary if not b.from_input])
+    outputs = [value.name for value in model.graph.outputs if value.producer() in region]
+    suffix = extractor.extract_model([b.name for b in boundary], outputs)
+    for piece, name in ((prefix, "prefix"), (suffix, "suffix")):
+        piece.graph.name = f"{model.graph.name or 'model'}_{name}"
+        piece.ir_version = proto.ir_version
+        piece.producer_name = proto.producer_name
+    return Split(prefix, suffix, boundary, len(prefix.graph.node), len(suffix.graph.node))
+
+
+def export_model(model: ir.Model, trainable_params: list[str]) -> onnx.ModelProto:
+    """The whole forward graph with ``trainable_params`` turned from initializers into graph inputs.
+
+    onnxruntime-training's Module takes it as an eval model (its parameter inputs are
+    bound to the checkpoint's values) and ``export_model_for_inferencing`` writes it back
+    with the trained values as initializers.
+    """
+    proto = ir.to_proto(model)
+    graph = proto.graph
+    kept, params = [], []
+    wanted = set(trainable_params)
+    for tensor in graph.initializer:
+        (params if tensor.name in wanted else kept).append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for tensor in sorted(params, key=lambda t: trainable_params.index(t.name)):
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return proto
+
+
+def _boundary_tensor(value: ir.Value, from_input: bool) -> BoundaryTensor:
+    shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
+    dtype = value.dtype.name.lower() if value.dtype is not None else "float"
+    return BoundaryTensor(value.name, shape, "float32" if dtype == "float" else dtype, from_input)
