@@ -67,6 +67,7 @@ Progress = Callable[[str], None]
 
 CATEGORIES = ("fwd", "gf_fwd", "trained_bwd", "other_bwd")
 CATEGORY_TITLES = {
+    "prefix": "frozen prefix (inference session)",
     "fwd": "forward kernels",
     "gf_fwd": "filter's forward summaries",
     "trained_bwd": "trained convs' backward",
@@ -105,6 +106,7 @@ class BenchOptions:
     memory_runs: int = 3  # fresh subprocesses per variant for peak memory (median reported); 0: none
     pause: float = 0.03  # seconds of idle before each timed run
     wait_idle: float = 0.0  # >0: each round waits up to this long for an idle machine; busy rounds are redone
+    single_graph: bool = False  # also compile and measure every variant in the single-graph form
 
     def check(self) -> None:
         if not self.patches or any(p < 1 for p in self.patches):
@@ -194,11 +196,19 @@ def make_batch(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, n
 
 
 class TrainingStep:
-    """One variant's training session: ``step()`` runs forward, backward, optimizer step, gradient reset."""
+    """One variant's training step, as the runtime's Trainer runs it.
+
+    ``step()`` runs the frozen prefix (two-stage artifacts: an optimized InferenceSession,
+    `gfcompiler.runtime.prefix.FrozenPrefix`), forward and backward, the optimizer step
+    and the gradient reset. ``last_split`` holds the prefix's and the optimizer's share of
+    the last call, in seconds.
+    """
 
     def __init__(self, directory: Path, manifest: dict, batch: int, threads: int | None, *,
                  optimizer: bool = True, arena: bool = True, profile_prefix: str | None = None) -> None:
         from gfcompiler import ort_training
+        from gfcompiler.runtime.device import Device
+        from gfcompiler.runtime.prefix import FrozenPrefix
 
         ort = _onnxruntime()
         api = ort_training.api()
@@ -209,23 +219,38 @@ class TrainingStep:
                                  session_options=options)
         self.optimizer = api.Optimizer(str(directory / FILES["optimizer_model"]), self.module) if optimizer else None
         self.module.train()
-        x, y = make_batch(manifest, batch)
-        feeds = {manifest["inputs"][0]["name"]: x, manifest["label"]["name"]: y}
-        self.feeds = [ort.OrtValue.ortvalue_from_numpy(feeds[name]) for name in self.module.input_names()]
+        self.x, y = make_batch(manifest, batch)
+        self.input_name = manifest["inputs"][0]["name"]
+        self.prefix = None
+        if manifest.get("form") == "two_stage":
+            outputs = [b["name"] for b in manifest["boundary"] if not b["from_input"]]
+            self.prefix = FrozenPrefix(directory / manifest["files"]["prefix_model"], self.input_name, outputs,
+                                       Device("cpu"), threads)
+        self.names = list(self.module.input_names())
+        self.label = ort.OrtValue.ortvalue_from_numpy(y)
+        self.x_value = ort.OrtValue.ortvalue_from_numpy(self.x)
+        self.label_name = manifest["label"]["name"]
+        self.last_split: dict[str, float] = {}
 
-        self.last_split: float | None = None  # the optimizer's share of the last call, seconds
+    def _feeds(self) -> list:
+        feeds = {self.input_name: self.x_value, self.label_name: self.label}
+        if self.prefix is not None:
+            start = time.perf_counter()
+            feeds.update(self.prefix(self.x))
+            self.last_split["prefix"] = time.perf_counter() - start
+        return [feeds[name] for name in self.names]
 
     def __call__(self) -> None:
-        self.module(*self.feeds)
+        self.module(*self._feeds())
         if self.optimizer is not None:
             start = time.perf_counter()
             self.optimizer.step()
-            self.last_split = time.perf_counter() - start
+            self.last_split["optimizer"] = time.perf_counter() - start
         self.module.lazy_reset_grad()
 
     def close(self) -> None:
         """Drop the sessions (their destructor writes the profile, if profiling)."""
-        self.module = self.optimizer = self.state = None
+        self.module = self.optimizer = self.state = self.prefix = None
         gc.collect()
 
 
@@ -288,7 +313,7 @@ class Timings:
     """What `time_interleaved` measured: seconds per call, and how contended the rounds were."""
 
     samples: dict[str, list[float]]
-    splits: dict[str, list[float]]  # a runner's ``last_split`` (the optimizer's share of a step), per kept call
+    splits: dict[str, dict[str, list[float]]]  # runner -> part ("prefix", "optimizer") -> seconds per kept call
     rounds_dropped: int = 0  # rounds measured while other processes were busy, and measured again
     rounds_busy: int = 0  # rounds kept although other processes were busy (retries used up, or no idle gate)
     round_other_cores: list[float] = dataclasses.field(default_factory=list)
@@ -318,7 +343,7 @@ def time_interleaved(runners: dict[str, Callable[[], None]], rounds: int, warmup
     ``busy_threshold`` cores is dropped and measured again (at most ``rounds`` times in all).
     """
     names = list(runners)
-    timings = Timings({name: [] for name in names}, {name: [] for name in names})
+    timings = Timings({name: [] for name in names}, {name: {} for name in names})
     attempt = 0
     while True:
         kept = len(timings.samples[names[0]])
@@ -334,7 +359,7 @@ def time_interleaved(runners: dict[str, Callable[[], None]], rounds: int, warmup
                 start = time.perf_counter()
                 runners[name]()
                 times[name] = time.perf_counter() - start
-                splits[name] = getattr(runners[name], "last_split", None)
+                splits[name] = dict(getattr(runners[name], "last_split", None) or {})
         attempt += 1
         if attempt <= warmup:
             continue
@@ -346,8 +371,8 @@ def time_interleaved(runners: dict[str, Callable[[], None]], rounds: int, warmup
         timings.round_other_cores.append(usage.cores if usage.cores is not None else float("nan"))
         for name in names:
             timings.samples[name].append(times[name])
-            if splits[name] is not None:
-                timings.splits[name].append(splits[name])
+            for part, seconds in splits[name].items():
+                timings.splits[name].setdefault(part, []).append(seconds)
         done = kept + 1
         if done == rounds or done % max(1, rounds // 5) == 0:
             extra = f" ({timings.rounds_dropped} measured again: other processes busy)" if timings.rounds_dropped else ""
@@ -553,14 +578,24 @@ def measure_memory_variants(variants: list["Variant"], batch: int, threads: int 
 
 @dataclasses.dataclass
 class Variant:
-    label: str  # "exact", "r=4"
     patch: int
     directory: Path
     manifest: dict
+    single_graph: bool = False  # compiled with --single-graph (no frozen prefix model)
+
+    @property
+    def label(self) -> str:
+        """"exact", "r=4", "exact 1-graph", ..."""
+        return ("exact" if self.patch == 0 else f"r={self.patch}") + (" 1-graph" if self.single_graph else "")
 
     @property
     def key(self) -> str:
-        return "exact" if self.patch == 0 else f"r{self.patch}"
+        return ("exact" if self.patch == 0 else f"r{self.patch}") + ("-1graph" if self.single_graph else "")
+
+    @property
+    def form(self) -> str:
+        """What the compiler made: "two_stage", or "single_graph" (asked for, or no frozen prefix to cut)."""
+        return self.manifest.get("form", "single_graph")
 
 
 def resolve_input_shapes(model_path: Path, options: BenchOptions):
@@ -605,13 +640,15 @@ def run_bench(model_path: os.PathLike | str, options: BenchOptions | None = None
     with tempfile.TemporaryDirectory(prefix="gfc-bench-") as tmp:
         workdir = Path(tmp)
         variants = []
-        for i, patch in enumerate([0, *options.patches]):
-            label = "exact" if patch == 0 else f"r={patch}"
-            progress(f"compiling {label} ({i + 1}/{len(options.patches) + 1})")
-            directory = workdir / ("exact" if patch == 0 else f"r{patch}")
-            compile_options = CompileOptions(layers=options.layers, patch=patch, input_shapes=shapes)
-            manifest = compile_model(model_path, directory, compile_options)
-            variants.append(Variant(label, patch, directory, manifest))
+        plan = [(patch, single) for single in ((False, True) if options.single_graph else (False,))
+                for patch in (0, *options.patches)]
+        for i, (patch, single) in enumerate(plan):
+            variant = Variant(patch, workdir, {}, single)
+            variant.directory = workdir / variant.key
+            progress(f"compiling {variant.label} ({i + 1}/{len(plan)})")
+            compile_options = CompileOptions(layers=options.layers, patch=patch, input_shapes=shapes, single_graph=single)
+            variant.manifest = compile_model(model_path, variant.directory, compile_options)
+            variants.append(variant)
         forward_path = workdir / "forward.onnx"
         ir.save(plain, str(forward_path))
         del plain
@@ -664,22 +701,30 @@ def _conv_held(manifest: dict) -> dict:
 def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[Variant], timings: Timings,
             profiles: dict, memory: dict, ort_version: str, load_start, load_end) -> dict:
     samples = timings.samples
-    exact = variants[0]
     forward = stats(samples["forward"]) | {"samples_ms": [round(t * 1e3, 3) for t in samples["forward"]]}
-    exact_steps = samples[exact.key]
-    exact_profile = profiles.get(exact.key) or {}
-    exact_memory = memory.get(exact.key) or {}
     rows = []
     for v in variants:
+        # Ratios are against the exact baseline compiled the same way (both two-stage, or both single-graph).
+        exact = next(e for e in variants if e.patch == 0 and e.single_graph == v.single_graph)
+        exact_steps = samples[exact.key]
+        exact_profile = profiles.get(exact.key) or {}
+        exact_memory = memory.get(exact.key) or {}
         totals = v.manifest["totals"]
         step = stats(samples[v.key]) | {"samples_ms": [round(t * 1e3, 3) for t in samples[v.key]]}
         profile = profiles.get(v.key) or {}
         mem = memory.get(v.key) or {}
-        optimizer = stats(timings.splits[v.key])
+        parts = timings.splits[v.key]
+        optimizer = stats(parts["optimizer"])
+        prefix = stats(parts["prefix"]) if parts.get("prefix") else None
         paired = [a / b for a, b in zip(samples[v.key], exact_steps)]
         bwd = (profile.get("trained_bwd") or {}).get("median_ms")
+        single = next((o for o in variants if o.single_graph and o.patch == v.patch), None) if not v.single_graph else None
         rows.append({
             "label": v.label,
+            "key": v.key,
+            "form": v.form,
+            "single_graph_reason": v.manifest.get("single_graph_reason"),
+            "boundary": [b["name"] for b in v.manifest.get("boundary") or []],
             "patch": v.patch,
             "trained_layers": totals["trained_layers"],
             "filtered_layers": totals["filtered_layers"],
@@ -687,8 +732,10 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
             "step_over_forward": step["median_ms"] / forward["median_ms"],
             "profile": profile,
             "optimizer": optimizer,
-            # What neither the profiled kernels nor the optimizer account for (medians of different runs).
-            "rest_ms": (step["median_ms"] - profile["kernels"]["median_ms"] - optimizer["median_ms"]) if profile else None,
+            "prefix": prefix,  # the frozen prefix's InferenceSession, two-stage only
+            # What neither the profiled kernels, the prefix nor the optimizer account for (medians of different runs).
+            "rest_ms": (step["median_ms"] - profile["kernels"]["median_ms"] - optimizer["median_ms"]
+                        - (prefix["median_ms"] if prefix else 0.0)) if profile else None,
             "memory": mem or None,
             "static": {key: totals[key] for key in ("held_bytes", "held_bytes_exact", "backward_macs", "backward_macs_exact")}
             | _conv_held(v.manifest),
@@ -701,13 +748,18 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
                 "convs_held_bytes": _ratio(_conv_held(v.manifest)["convs_held_bytes"],
                                            _conv_held(exact.manifest)["convs_held_bytes"]),
                 "backward_macs": _ratio(totals["backward_macs"], exact.manifest["totals"]["backward_macs"]),
+                # two-stage / single-graph of the same patch: median of per-round ratios, and of peaks
+                "step_vs_single_graph": float(np.median([a / b for a, b in zip(samples[v.key], samples[single.key])]))
+                if single else None,
+                "step_peak_vs_single_graph": _ratio(mem.get("step_peak_kib"), (memory.get(single.key) or {}).get("step_peak_kib"))
+                if single else None,
             },
         })
     return {
         "model": str(model_path),
         "batch": batch,
-        "layers": exact.manifest["selection"]["rule"],
-        "trained_convs": exact.manifest["selection"]["trained_convs"],
+        "layers": variants[0].manifest["selection"]["rule"],
+        "trained_convs": variants[0].manifest["selection"]["trained_convs"],
         "threads": options.threads,
         "repeats": options.repeats,
         "warmup": options.warmup,
@@ -777,29 +829,37 @@ def render_table(report: dict) -> str:
         f"(filtered/exact); kernels: onnxruntime profiler, median of {report['profile_steps']} steps",
         "",
     ]
-    header = ("variant", "step ms", "x exact", "step/fwd", "trained bwd ms", "x exact", "gf fwd ms", "fwd ms",
-              "other bwd ms", "optim ms", "rest ms")
+    compared = any(row["ratios"].get("step_vs_single_graph") for row in report["variants"])
+    header = ("variant", "step ms", "x exact", *(("x 1-graph",) if compared else ()), "step/fwd", "trained bwd ms",
+              "x exact", "prefix ms", "gf fwd ms", "fwd ms", "other bwd ms", "optim ms", "rest ms")
     rows = []
     for row in report["variants"]:
         p = row["profile"] or {}
         rows.append((
-            _variant_name(row), _ms(row["step"]), _x(row["ratios"]["step"]), _x(row["step_over_forward"]),
-            _ms(p.get("trained_bwd")), _x(row["ratios"]["trained_bwd"]),
+            _variant_name(row), _ms(row["step"]), _x(row["ratios"]["step"]),
+            *((_x(row["ratios"].get("step_vs_single_graph")),) if compared else ()), _x(row["step_over_forward"]),
+            _ms(p.get("trained_bwd")), _x(row["ratios"]["trained_bwd"]), _ms(row.get("prefix"), iqr=False),
             _ms(p.get("gf_fwd"), iqr=False) if row["patch"] else "-", _ms(p.get("fwd"), iqr=False),
             _ms(p.get("other_bwd"), iqr=False), _ms(row["optimizer"], iqr=False),
             "-" if row["rest_ms"] is None else _num(row["rest_ms"]),
         ))
     lines += _columns(header, rows)
+    for row in report["variants"]:
+        if row.get("form") == "single_graph" and not row["key"].endswith("-1graph") and row.get("single_graph_reason"):
+            lines.append(f"{row['label']}: single graph ({row['single_graph_reason']})")
+    lines.append("prefix: the frozen layers' optimized InferenceSession (two-stage artifacts); fwd/other bwd: "
+                 "the training session's kernels; rest: the step minus kernels, prefix and optimizer")
     lines.append(f"forward-only (optimized InferenceSession, same batch): {_ms(report['forward'])} ms")
     lines.append("")
-    header = ("variant", "step peak MiB", "x exact", "process peak MiB", "held MiB", "x exact", "convs held MiB",
-              "x exact", "bwd MMAC", "x exact")
+    header = ("variant", "step peak MiB", "x exact", *(("x 1-graph",) if compared else ()), "process peak MiB",
+              "held MiB", "x exact", "convs held MiB", "x exact", "bwd MMAC", "x exact")
     rows = []
     for row in report["variants"]:
         mem, static, ratios = row["memory"] or {}, row["static"], row["ratios"]
         rows.append((
             _variant_name(row),
             f"{mem['step_peak_kib'] / 1024:.1f}" if "step_peak_kib" in mem else "-", _x(ratios["step_peak"]),
+            *((_x(ratios.get("step_peak_vs_single_graph")),) if compared else ()),
             f"{mem['process_peak_kib'] / 1024:.1f}" if "process_peak_kib" in mem else "-",
             f"{static['held_bytes'] / 2**20:.2f}", _x(ratios["held_bytes"]),
             f"{static['convs_held_bytes'] / 2**20:.2f}", _x(ratios["convs_held_bytes"]),
@@ -830,7 +890,7 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     import matplotlib.ticker
 
     titles = titles or [f"{Path(r['model']).stem}, {r['layers']}" for r in reports]
-    colors = {"fwd": "#9db4d0", "gf_fwd": "#e8a33d", "trained_bwd": "#c0392b", "other_bwd": "#7f8c8d",
+    colors = {"prefix": "#5b7fa8", "fwd": "#9db4d0", "gf_fwd": "#e8a33d", "trained_bwd": "#c0392b", "other_bwd": "#7f8c8d",
               "optimizer": "#8e6fb5", "rest": "#d5d8dc"}
     positions, labels, group_centers = [], [], []
     x = 0.0
@@ -838,7 +898,7 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
         start = x
         for row in report["variants"]:
             positions.append(x)
-            labels.append(row["label"].replace("r=", "r"))
+            labels.append(row["label"].replace("r=", "r").replace(" 1-graph", "\n1-graph"))
             x += 1
         group_centers.append((start + x - 1) / 2)
         x += 0.8
@@ -848,11 +908,13 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     rows = [row for report in reports for row in report["variants"]]
     bottoms = np.zeros(len(rows))
     profiled = any(row["profile"] for row in rows)
-    for part in (*CATEGORIES, "optimizer", "rest") if profiled else ():
+    for part in ("prefix", *CATEGORIES, "optimizer", "rest") if profiled else ():
         heights = []
         for row in rows:
             p = row["profile"] or {}
-            if part == "rest":
+            if part == "prefix":
+                heights.append((row.get("prefix") or {}).get("median_ms", 0.0))
+            elif part == "rest":
                 heights.append(max(row["rest_ms"] or 0.0, 0.0))
             elif part == "optimizer":
                 heights.append(row["optimizer"]["median_ms"])
@@ -949,6 +1011,9 @@ def add_command(subparsers) -> None:
                         help="before each round wait up to this long for other processes to leave the CPUs idle, "
                              "and measure again a round during which they were busy (default 0: off)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W", help="as in gfc compile")
+    parser.add_argument("--compare-single-graph", action="store_true",
+                        help="also compile every variant with --single-graph (the whole forward in the training "
+                             "session) and report two-stage / single-graph ratios")
     parser.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart (needs matplotlib: the bench extra)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -962,6 +1027,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         layers=args.layers, patches=parse_patches(args.patch), batch=args.batch, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, profile_steps=args.profile_steps, wait_idle=args.wait_idle,
         memory_runs=args.memory_runs, input_shapes=[InputShape.parse(text) for text in args.input_shape],
+        single_graph=args.compare_single_graph,
     )
     options.check()
     _check_output_path(args.json, "--json")

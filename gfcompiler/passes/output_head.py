@@ -86,7 +86,7 @@ class StripOutputSoftmaxPass(ir.passes.InPlacePass):
             softmax, chain = found
             reason = _unsafe_reason(model, softmax, chain, output)
             if reason is not None:
-                result.kept.append(KeptSoftmax(softmax.name, output.name, reason))
+                result.kept.append(KeptSoftmax(softmax.name or "Softmax", output.name, reason))
                 continue
             logits = softmax.inputs[0]
             if chain:
@@ -95,7 +95,7 @@ class StripOutputSoftmaxPass(ir.passes.InPlacePass):
                 graph.outputs[index] = logits
             graph.remove(softmax, safe=True)
             new_output = graph.outputs[index]
-            result.stripped.append(StrippedSoftmax(softmax.name, output.name, new_output.name, _CLASS_AXIS))
+            result.stripped.append(StrippedSoftmax(softmax.name or "Softmax", output.name, new_output.name, _CLASS_AXIS))
             result.modified = True
         return result
 
@@ -114,15 +114,16 @@ def _softmax_chain(output: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
 
 def _unsafe_reason(model: ir.Model, softmax: ir.Node, chain: list[ir.Node], output: ir.Value) -> str | None:
     """Why removing ``softmax`` would change what the loss sees, or None when it is exact."""
-    probabilities = softmax.outputs[0]
-    between = [probabilities] + [node.outputs[0] for node in chain[:-1]]
-    for value in between:
+    between = [softmax.outputs[0]] + [node.outputs[0] for node in chain]  # softmax output .. graph output
+    for value in between[:-1]:
         if len(value.uses()) != 1 or value.is_graph_output():
             return f"its output {value.name!r} is also used elsewhere"
+    if output.uses():
+        return f"its output {output.name!r} is also used elsewhere"
     logits = softmax.inputs[0]
     if logits.is_graph_input() or logits.is_graph_output() or logits.is_initializer():
         return f"its input {logits.name!r} is a graph input, output or initializer"
-    shape = logits.shape
+    shape = logits.shape if logits.shape is not None else softmax.outputs[0].shape  # Softmax keeps the shape
     if shape is None:
         return f"the shape of its input {logits.name!r} is unknown"
     rank = len(shape)
@@ -175,7 +176,7 @@ def strip_softmax_for_loss(model: ir.Model, loss: str, keep_softmax: bool,
     if keep_softmax:
         for output in model.graph.outputs:
             if (found := _softmax_chain(output)) is not None:
-                progress(f"warning: --keep-softmax: output {output.name!r} stays a Softmax ({found[0].name}); "
+                progress(f"warning: --keep-softmax: output {output.name!r} stays a Softmax ({found[0].name or 'Softmax'}); "
                          "cross-entropy applies a second softmax to its probabilities (weak gradients)")
         return None
     result = StripOutputSoftmaxPass()(model)
