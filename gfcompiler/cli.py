@@ -47,6 +47,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         force=args.force,
         force_forward_pooling=not args.no_forward_pooling,
         keep_softmax=args.keep_softmax,
+        single_graph=args.single_graph,
     )
     manifest = compile_model(args.model, args.output, options, progress=(lambda _: None) if args.quiet else _stage)
     if not args.quiet:
@@ -83,6 +84,10 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
                         help="fix an input's shape (N may stay dynamic: N or ?); repeatable")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--single-graph", action="store_true",
+                        help="keep the whole forward in the training graph; by default the frozen layers before the "
+                             "trained ones become a separate, fully optimized inference model (prefix_model.onnx) "
+                             "that the runtime runs first")
     parser.add_argument("--no-forward-pooling", action="store_true",
                         help=argparse.SUPPRESS)  # diagnostics only: shows the memory the scheduling fix saves
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")

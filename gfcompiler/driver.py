@@ -139,7 +139,8 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
         progress(f"generating training graph ({selection.rule}; {len(selection.trainable_params)} trainable tensors)")
         artifacts.generate(training_source, selection.trainable_params, options.loss, options.optimizer, staging)
         progress("rewriting the backward of trained convs" if geometries else "keeping the exact backward")
-        accounting = _rewrite_training_model(staging / FILES["training_model"], geometries, model, options)
+        boundary = frozenset(t.name for t in form.split.boundary) if form.split is not None else frozenset()
+        accounting = _rewrite_training_model(staging / FILES["training_model"], geometries, model, options, boundary)
         progress("checking the artifacts load in onnxruntime")
         outdir.check_loadable(staging)
         manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, form, staging)
@@ -202,7 +203,7 @@ def _accounting_batch(model: ir.Model) -> int:
 
 
 def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], model: ir.Model,
-                            options: CompileOptions) -> _Accounting:
+                            options: CompileOptions, boundary: frozenset[str]) -> _Accounting:
     training = ir.load(os.fspath(path))
     DropUnusedMaxPoolIndicesPass()(training)
     batch, shapes = _accounting_batch(model), _known_shapes(model)
@@ -212,7 +213,8 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
         if forward is not None:
             conv_grads[forward.name] = node
     input_grad_needed = {name: bool(node.outputs[0].uses()) for name, node in conv_grads.items()}
-    exact = memory.held_for_backward(training.graph, {name: {node} for name, node in conv_grads.items()}, batch, shapes)
+    exact = memory.held_for_backward(training.graph, {name: {node} for name, node in conv_grads.items()}, batch, shapes,
+                                     boundary)
     if not geometries:
         ir.save(training, os.fspath(path))
         return _Accounting(batch, exact, exact, input_grad_needed)
@@ -221,7 +223,7 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
     layer_nodes = {name: {node} for name, node in conv_grads.items() if name not in rewrite.rewritten}
     # A layer's summary nodes count too: without the forward dependency they run lazily, in the backward.
     layer_nodes.update({name: set(layer.backward_nodes) | set(layer.forward_nodes) for name, layer in rewrite.rewritten.items()})
-    emitted = memory.held_for_backward(training.graph, layer_nodes, batch, shapes)
+    emitted = memory.held_for_backward(training.graph, layer_nodes, batch, shapes, boundary)
     ir.save(training, os.fspath(path))
     return _Accounting(batch, exact, emitted, input_grad_needed)
 

@@ -76,8 +76,19 @@ def render_summary(manifest: dict) -> str:
         f"held from forward to backward, batch {batch}: trained convs' backward "
         f"{_mib(totals.get('trained_convs_held_bytes_exact'))} MiB exact -> {_mib(totals.get('trained_convs_held_bytes'))} MiB; "
         f"whole graph {_mib(totals['held_bytes_exact'])} MiB exact -> {_mib(totals['held_bytes'])} MiB",
+        _form_line(manifest),
     ]
     return "\n".join(lines)
+
+
+def _form_line(manifest: dict) -> str:
+    """How the artifacts run: frozen prefix + trained suffix (and what crosses), or one training graph."""
+    if manifest.get("form") != "two_stage":
+        reason = manifest.get("single_graph_reason")
+        return "form: single training graph" + (f" ({reason})" if reason else "")
+    crossing = ", ".join(f"{b['name']} {_shape(b['shape'])}" for b in manifest["boundary"])
+    return (f"form: two-stage: frozen prefix_model.onnx ({manifest['prefix_nodes']} nodes, inference session) -> "
+            f"training suffix ({manifest['suffix_nodes']} nodes); crossing: {crossing}")
 
 
 def _layer_subgraph(directory: Path, layer_name: str, manifest: dict):

@@ -62,8 +62,14 @@ def held_for_backward(
     layer_backward_nodes: dict[str, set[ir.Node]],
     batch: int,
     known_shapes: dict[str, tuple] | None = None,
+    activation_inputs: frozenset[str] = frozenset(),
 ) -> HeldTensors:
-    """Bytes kept from forward to backward, attributed to each layer whose backward reads them."""
+    """Bytes kept from forward to backward, attributed to each layer whose backward reads them.
+
+    ``activation_inputs``: graph inputs that are activations, counted like forward tensors
+    (the boundary tensors a two-stage training graph gets from its frozen prefix, which a
+    single training graph would have computed itself).
+    """
     dag = dataflow_graph(graph)
     forward = forward_nodes(graph, dag)
     held: dict[ir.Value, int | None] = {}
@@ -72,7 +78,8 @@ def held_for_backward(
             for value in node.inputs:
                 if value is None or value.is_initializer():
                     continue
-                if value.producer() in forward:  # graph inputs (data, parameters) are held by the caller anyway
+                # Other graph inputs (data, parameters) are held by the caller anyway.
+                if value.producer() in forward or value.name in activation_inputs:
                     held.setdefault(value, tensor_bytes(value, batch, known_shapes))
     per_layer, per_layer_tensors = {}, {}
     for layer, nodes in layer_backward_nodes.items():

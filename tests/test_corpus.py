@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
+from stages import module_inputs  # noqa: E402
 from gfcompiler import ort_training  # noqa: E402
 from gfcompiler.driver import CompileOptions, compile_model  # noqa: E402
 from gfcompiler.errors import GfcError  # noqa: E402
@@ -44,7 +45,7 @@ def one_step(directory: Path, manifest: dict) -> float:
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     y = np.zeros(shape[0], np.int64)
     module.train()
-    loss = float(module(x, y)[0])  # outputs: (loss, logits)
+    loss = float(module(*module_inputs(directory, module, x, y))[0])  # outputs: (loss, logits)
     optimizer.step()
     return loss
 

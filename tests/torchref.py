@@ -18,6 +18,7 @@ from torch.fx.experimental.optimization import fuse
 
 from gfcompiler import ort_training, reference
 from gfcompiler.geometry import ConvShape, FilterGeometry
+from stages import module_inputs
 
 
 def geometry_of(conv: torch.nn.Conv2d, x: torch.Tensor, patch: int) -> FilterGeometry:
@@ -97,7 +98,7 @@ def ort_gradients(directory, x: np.ndarray, labels: np.ndarray) -> tuple[float, 
     module = api.Module(str(directory / "training_model.onnx"), state, str(directory / "eval_model.onnx"), device="cpu")
     module.train()
     module.lazy_reset_grad()
-    loss, _logits = module(x, labels)  # the training model outputs (loss, logits)
+    loss, _logits = module(*module_inputs(directory, module, x, labels))  # the training model outputs (loss, logits)
     names = [name for name, _ in state.parameters]
     grads = {name: np.array(state.parameters[name].grad) for name in names}
     values = {name: np.array(state.parameters[name].data) for name in names}
