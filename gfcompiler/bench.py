@@ -165,13 +165,10 @@ def _onnxruntime():
 
 
 def session_options(threads: int | None, *, arena: bool = True, profile_prefix: str | None = None):
-    ort = _onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = arena
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    """The runtime's session options (gfcompiler.runtime.device), plus profiling when asked."""
+    from gfcompiler.runtime.device import session_options as runtime_session_options
+
+    options = runtime_session_options(threads, memory_arena=arena)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -225,7 +222,7 @@ class TrainingStep:
         if manifest.get("form") == "two_stage":
             outputs = [b["name"] for b in manifest["boundary"] if not b["from_input"]]
             self.prefix = FrozenPrefix(directory / manifest["files"]["prefix_model"], self.input_name, outputs,
-                                       Device("cpu"), threads)
+                                       Device("cpu"), session_options(threads, arena=arena))
         self.names = list(self.module.input_names())
         self.label = ort.OrtValue.ortvalue_from_numpy(y)
         self.x_value = ort.OrtValue.ortvalue_from_numpy(self.x)

@@ -6,10 +6,10 @@ inference model. `FrozenPrefix` runs it with every graph optimization onnxruntim
 training's execution provider, and hands the boundary tensors over as OrtValues bound
 through an IOBinding, so nothing is copied on the way: on CUDA they stay on the GPU.
 
-Its CPU memory arena is off by default. An arena keeps the largest activation set the
-prefix ever needed reserved for the whole run, on top of the training session's own,
-where a single-graph step would have freed it; without it the prefix's activations are
-released as soon as the boundary tensors are computed.
+Its session options come from the caller (gfcompiler.runtime.device.session_options):
+with the CPU arena on, prefix and training sessions allocate from one shared arena, so
+the memory the prefix's activations used is reused by the training step instead of
+staying reserved beside it.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from gfcompiler.runtime import device as devices
 class FrozenPrefix:
     """``prefix(x)`` -> {boundary tensor name: OrtValue} for the prefix model at ``path``."""
 
-    def __init__(self, path: Path, input_name: str, output_names: list[str], device: devices.Device,
-                 threads: int | None = None, *, memory_arena: bool = False):
+    def __init__(self, path: Path, input_name: str, output_names: list[str], device: devices.Device, options=None):
         ort = onnxruntime()
-        options = devices.session_options(threads, memory_arena=memory_arena)
+        options = options if options is not None else devices.session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(str(path), options, providers=device.providers)

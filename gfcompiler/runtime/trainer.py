@@ -73,8 +73,9 @@ class Trainer:
         self._api = training_api()
         self.state = self._load_state()
         self._options = devices.session_options(threads, memory_arena=memory_arena)
+        self._prefix_options = devices.session_options(threads, memory_arena=memory_arena)
         self.module, self.optimizer = self._create_sessions()
-        self.prefix = self._create_prefix(threads)
+        self.prefix = self._create_prefix()
         self._applied_lr: float | None = None
         self._inference: tuple[int, object] | None = None
         self._train_io = self._io_positions(training=True)
@@ -117,12 +118,12 @@ class Trainer:
             raise ArtifactError(f"onnxruntime cannot load the artifacts in {a.directory}: {message}") from None
         return module, optimizer
 
-    def _create_prefix(self, threads: int | None) -> FrozenPrefix | None:
+    def _create_prefix(self) -> FrozenPrefix | None:
         a = self.artifacts
         if not a.two_stage:
             return None
         outputs = [b.name for b in a.boundary if not b.from_input]
-        return FrozenPrefix(a.path("prefix_model"), a.input.name, outputs, self.device, threads)
+        return FrozenPrefix(a.path("prefix_model"), a.input.name, outputs, self.device, self._prefix_options)
 
     def _io_positions(self, training: bool) -> tuple[list[str], int, int | None]:
         """(input order, loss output index, model output index or None) of one session."""
