@@ -71,3 +71,22 @@ def test_bench_user_errors_are_one_line(small_cnn, args, code, fragment, capsys)
     lines = [line for line in err.splitlines() if line.startswith("gfc: error")]
     assert len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err
+
+
+def test_bench_compares_two_stage_with_single_graph(tiny_model, tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    argv = ["bench", str(tiny_model), "--layers", "2", "--patch", "2", "--batch", "2", "--repeats", "2", "--warmup", "1",
+            "--profile-steps", "1", "--threads", "1", "--memory-runs", "1", "--compare-single-graph", "-q",
+            "--json", str(json_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "x 1-graph" in out and "prefix ms" in out
+    rows = {row["label"]: row for row in json.loads(json_path.read_text())["variants"]}
+    assert list(rows) == ["exact", "r=2", "exact 1-graph", "r=2 1-graph"]
+    for label in ("exact", "r=2"):
+        two, one = rows[label], rows[f"{label} 1-graph"]
+        assert two["form"] == "two_stage" and len(two["boundary"]) == 1 and two["prefix"]["median_ms"] > 0
+        assert one["form"] == "single_graph" and one["prefix"] is None and not one["boundary"]
+        assert two["ratios"]["step_vs_single_graph"] > 0 and two["ratios"]["step_peak_vs_single_graph"] > 0
+        assert one["ratios"]["step_vs_single_graph"] is None
+    assert rows["exact 1-graph"]["ratios"]["step"] == 1.0  # each form against its own exact baseline
