@@ -66,6 +66,8 @@ class OptimizerSpec:
                 "onnxruntime AdamWOptimizer with beta1=momentum, beta2=1, eps=1, no bias correction: "
                 "m = momentum*m + (1-momentum)*g and p -= lr*lr_multiplier*m, which equals torch.optim.SGD "
                 "(dampening 0); weight decay is added to the gradient in the training graph"
+            ) if self.momentum > 0 else (
+                "onnxruntime SGDOptimizerV2: p -= lr*g; weight decay is added to the gradient in the training graph"
             )
         return record
 
@@ -78,6 +80,8 @@ def optimizer_block(spec: OptimizerSpec):
     stays 0, so with ε = 1 and no bias correction the update is ``lr·m`` where
     ``m = μ·m + (1−μ)·g`` = (1−μ)·(torch's momentum buffer). Scaling the learning rate
     by 1/(1−μ) (`OptimizerSpec.lr_multiplier`) gives torch.optim.SGD's update exactly.
+    Plain SGD (μ = 0) is onnxruntime's own SGD kernel, which reads and writes only the
+    parameters and their gradients (AdamW's kernel also streams two moment buffers).
     """
     optim = ort_training.onnxblock().optim
     if spec.name == "adamw":
@@ -85,6 +89,8 @@ def optimizer_block(spec: OptimizerSpec):
     if spec.name == "sgd":
         if not 0.0 <= spec.momentum < 1.0:
             raise UnsupportedModelError(f"--momentum must be in [0, 1), got {spec.momentum}")
+        if spec.momentum == 0.0:
+            return optim.SGD()
         return optim.AdamW(bias_correction=False, betas=(spec.momentum, 1.0), eps=1.0, weight_decay=0.0)
     raise UnsupportedModelError(f"unknown optimizer {spec.name!r} (choose from {', '.join(OPTIMIZERS)})")
 

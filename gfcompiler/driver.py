@@ -37,7 +37,7 @@ from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
 from gfcompiler.passes.output_head import strip_softmax_for_loss
-from gfcompiler.passes.training_cleanup import DropUnusedMaxPoolIndicesPass
+from gfcompiler.passes.training_cleanup import CoupledWeightDecayPass, DropUnusedMaxPoolIndicesPass
 from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
 
 Progress = Callable[[str], None]
@@ -140,7 +140,8 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
         artifacts.generate(training_source, selection.trainable_params, options.loss, options.optimizer, staging)
         progress("rewriting the backward of trained convs" if geometries else "keeping the exact backward")
         boundary = frozenset(t.name for t in form.split.boundary) if form.split is not None else frozenset()
-        accounting = _rewrite_training_model(staging / FILES["training_model"], geometries, model, options, boundary)
+        accounting = _rewrite_training_model(staging / FILES["training_model"], geometries, model, options, boundary,
+                                             selection.trainable_params)
         progress("checking the artifacts load in onnxruntime")
         outdir.check_loadable(staging)
         manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, form, staging)
@@ -203,9 +204,11 @@ def _accounting_batch(model: ir.Model) -> int:
 
 
 def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], model: ir.Model,
-                            options: CompileOptions, boundary: frozenset[str]) -> _Accounting:
+                            options: CompileOptions, boundary: frozenset[str], trainable: list[str]) -> _Accounting:
     training = ir.load(os.fspath(path))
     DropUnusedMaxPoolIndicesPass()(training)
+    if options.optimizer.name == "sgd" and options.optimizer.effective_weight_decay > 0:
+        CoupledWeightDecayPass(trainable, options.optimizer.effective_weight_decay, artifacts.accumulation_buffer_name)(training)
     batch, shapes = _accounting_batch(model), _known_shapes(model)
     conv_grads = {}
     for node in training.graph:

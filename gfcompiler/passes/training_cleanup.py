@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 
@@ -25,3 +26,43 @@ class DropUnusedMaxPoolIndicesPass(ir.passes.InPlacePass):
             node.resize_outputs(1)
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+class CoupledWeightDecayPass(ir.passes.InPlacePass):
+    """Add ``weight_decay · p`` to each trainable parameter's gradient before it is accumulated.
+
+    torch.optim.SGD's weight decay is coupled: ``g ← g + λ·p`` before momentum. Neither
+    onnxruntime's SGD kernel nor the AdamW kernel gfcompiler uses for momentum SGD has
+    such a term, so it goes into the training graph: the gradient input of every
+    ``InPlaceAccumulatorV2`` whose accumulation buffer belongs to a parameter becomes
+    ``Add(grad, Mul(p, λ))``. The loss the graph reports is unchanged.
+    """
+
+    def __init__(self, params: list[str], weight_decay: float, buffer_name):
+        super().__init__()
+        self.params = list(params)
+        self.weight_decay = float(weight_decay)
+        self.buffer_name = buffer_name  # param name -> its accumulation buffer's input name
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        inputs = {value.name: value for value in graph.inputs}
+        by_buffer = {self.buffer_name(name): inputs[name] for name in self.params if name in inputs}
+        decay = ir.Value(name="weight_decay", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                         const_value=ir.tensor(np.float32(self.weight_decay), name="weight_decay"))
+        graph.register_initializer(decay)
+        decayed = 0
+        for node in list(graph):
+            if node.op_type != "InPlaceAccumulatorV2" or node.inputs[0] is None or node.inputs[0].name not in by_buffer:
+                continue
+            param, grad = by_buffer[node.inputs[0].name], node.inputs[1]
+            name = param.name
+            scaled = ir.node("Mul", [param, decay], name=f"{name}/weight_decay/scaled", outputs=[ir.Value(name=f"{name}_decay")])
+            total = ir.node("Add", [grad, scaled.outputs[0]], name=f"{name}/weight_decay/add",
+                            outputs=[ir.Value(name=f"{name}_grad_decayed")])
+            graph.insert_before(node, [scaled, total])
+            node.replace_input_with(1, total.outputs[0])
+            decayed += 1
+        if decayed != len(by_buffer):
+            raise ValueError(f"weight decay reached {decayed} of {len(by_buffer)} trainable parameters' gradients")
+        return ir.passes.PassResult(model, decayed > 0)
