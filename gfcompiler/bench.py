@@ -5,8 +5,11 @@
 One layer choice is compiled with the exact backward (``--patch 0``) and once per patch
 size, into a temporary directory, and every variant is measured the same way:
 
-* **step time**: forward, backward, optimizer step and gradient reset, through
-  onnxruntime-training's ``Module``/``Optimizer`` (the calls ``gfc train`` makes). All
+* **step time**: for two-stage artifacts the frozen prefix's inference session first, then
+  forward, backward, optimizer step and gradient reset, through onnxruntime-training's
+  ``Module``/``Optimizer`` (the calls ``gfc train`` makes, with its session options: one
+  shared CPU arena, no spinning thread pools). ``--compare-single-graph`` adds every
+  variant compiled with ``--single-graph`` and the ratio two-stage / single-graph. All
   variants and the forward-only session live in one process and are timed in
   *interleaved* rounds: every round runs each of them once, in an order rotated from
   round to round, after a short pause (the previous session's spinning thread pool
@@ -164,11 +167,13 @@ def _onnxruntime():
     return onnxruntime()
 
 
-def session_options(threads: int | None, *, arena: bool = True, profile_prefix: str | None = None):
-    """The runtime's session options (gfcompiler.runtime.device), plus profiling when asked."""
+def session_options(threads: int | None, *, arena: bool = True, profile_prefix: str | None = None,
+                    spinning: bool = False):
+    """The runtime's session options (gfcompiler.runtime.device; the Trainer's sessions do not spin),
+    plus profiling when asked."""
     from gfcompiler.runtime.device import session_options as runtime_session_options
 
-    options = runtime_session_options(threads, memory_arena=arena)
+    options = runtime_session_options(threads, memory_arena=arena, spinning=spinning)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -256,7 +261,7 @@ class ForwardOnly:
 
     def __init__(self, model_path: Path, x: np.ndarray, threads: int | None) -> None:
         ort = _onnxruntime()
-        options = session_options(threads)
+        options = session_options(threads, spinning=True)  # a plain InferenceSession at onnxruntime's defaults
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.feeds = {self.session.get_inputs()[0].name: ort.OrtValue.ortvalue_from_numpy(x)}

@@ -72,8 +72,10 @@ class Trainer:
         self.steps_taken = 0
         self._api = training_api()
         self.state = self._load_state()
-        self._options = devices.session_options(threads, memory_arena=memory_arena)
-        self._prefix_options = devices.session_options(threads, memory_arena=memory_arena)
+        # A step runs up to three sessions back to back (prefix, training, optimizer); an idle
+        # session's spinning threads would take the cores the next one needs.
+        self._options = devices.session_options(threads, memory_arena=memory_arena, spinning=False)
+        self._prefix_options = devices.session_options(threads, memory_arena=memory_arena, spinning=False)
         self.module, self.optimizer = self._create_sessions()
         self.prefix = self._create_prefix()
         self._applied_lr: float | None = None
