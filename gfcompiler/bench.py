@@ -8,7 +8,7 @@ size, into a temporary directory, and every variant is measured the same way:
 * **step time**: for two-stage artifacts the frozen prefix's inference session first, then
   forward, backward, optimizer step and gradient reset, through onnxruntime-training's
   ``Module``/``Optimizer`` (the calls ``gfc train`` makes, with its session options: one
-  shared CPU arena, no spinning thread pools). ``--compare-single-graph`` adds every
+  shared CPU arena; no spinning thread pools for the three sessions of a two-stage step). ``--compare-single-graph`` adds every
   variant compiled with ``--single-graph`` and the ratio two-stage / single-graph. All
   variants and the forward-only session live in one process and are timed in
   *interleaved* rounds: every round runs each of them once, in an order rotated from
@@ -168,9 +168,8 @@ def _onnxruntime():
 
 
 def session_options(threads: int | None, *, arena: bool = True, profile_prefix: str | None = None,
-                    spinning: bool = False):
-    """The runtime's session options (gfcompiler.runtime.device; the Trainer's sessions do not spin),
-    plus profiling when asked."""
+                    spinning: bool = True):
+    """The runtime's session options (gfcompiler.runtime.device), plus profiling when asked."""
     from gfcompiler.runtime.device import session_options as runtime_session_options
 
     options = runtime_session_options(threads, memory_arena=arena, spinning=spinning)
@@ -211,10 +210,12 @@ class TrainingStep:
         from gfcompiler import ort_training
         from gfcompiler.runtime.device import Device
         from gfcompiler.runtime.prefix import FrozenPrefix
+        from gfcompiler.runtime.trainer import session_spinning
 
         ort = _onnxruntime()
         api = ort_training.api()
-        options = session_options(threads, arena=arena, profile_prefix=profile_prefix)
+        spinning = session_spinning(manifest.get("form") == "two_stage")  # as the Trainer's sessions
+        options = session_options(threads, arena=arena, profile_prefix=profile_prefix, spinning=spinning)
         self.state = api.CheckpointState.load_checkpoint(str(directory / FILES["checkpoint"]))
         # No eval model: one session (and one profile file) per module.
         self.module = api.Module(str(directory / FILES["training_model"]), self.state, None, device="cpu",
@@ -227,7 +228,7 @@ class TrainingStep:
         if manifest.get("form") == "two_stage":
             outputs = [b["name"] for b in manifest["boundary"] if not b["from_input"]]
             self.prefix = FrozenPrefix(directory / manifest["files"]["prefix_model"], self.input_name, outputs,
-                                       Device("cpu"), session_options(threads, arena=arena))
+                                       Device("cpu"), session_options(threads, arena=arena, spinning=spinning))
         self.names = list(self.module.input_names())
         self.label = ort.OrtValue.ortvalue_from_numpy(y)
         self.x_value = ort.OrtValue.ortvalue_from_numpy(self.x)
@@ -261,7 +262,7 @@ class ForwardOnly:
 
     def __init__(self, model_path: Path, x: np.ndarray, threads: int | None) -> None:
         ort = _onnxruntime()
-        options = session_options(threads, spinning=True)  # a plain InferenceSession at onnxruntime's defaults
+        options = session_options(threads)  # a plain InferenceSession at onnxruntime's defaults
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.feeds = {self.session.get_inputs()[0].name: ort.OrtValue.ortvalue_from_numpy(x)}

