@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from gfcompiler import reference
 from gfcompiler.geometry import ConvShape, FilterGeometry
+from gfcompiler.passes import filter_ops
 from opharness import run_operator
 
 settings.register_profile(
@@ -129,6 +130,8 @@ def test_operator_matches_reference(config):
     event("dilation: " + ("1" if conv.dilations == (1, 1) else ">= r" if max(conv.dilations) >= geom.patch else "< r"))
     event("batch: " + ("dynamic" if conv.batch is None else "static"))
     event("centered input padding: " + ("negative" if min(geom.input_pad_begin) < 0 else ">= 0"))
+    if not filter_ops._is_depthwise_like(geom) and not geom.uses_dilated_kernel:
+        event("per-group products: " + ("batch folded" if filter_ops._folds_batch(geom) else "per sample"))
     assert_operator_matches_reference(geom, batch, needs_input_grad)
 
 
@@ -145,6 +148,7 @@ def test_larger_maps_match_reference(r, stride, pad, height, width):
     conv = ConvShape(2, 3, 4, height, width, (3, 3), (stride, stride), (pad, pad, pad, pad))
     geom = FilterGeometry(conv, r)
     assume(geom.unsupported_reason() is None)
+    event("per-group products: " + ("batch folded" if filter_ops._folds_batch(geom) else "per sample"))
     assert_operator_matches_reference(geom, 2, True)
 
 
@@ -168,7 +172,10 @@ EDGE_CASES = {
     "patch_1_pointwise": (ConvShape(2, 5, 3, 7, 9, (1, 1)), 1),
     "patch_1_3x3_step8": (ConvShape(2, 3, 4, 7, 9, (3, 3), pads=(1, 1, 1, 1)), 1),
     "asymmetric_stride_and_pads": (ConvShape(3, 3, 5, 19, 10, (3, 5), (3, 1), (0, 2, 3, 1)), 3),
+    # P = 80 > 16 cells: per-sample products; the batch is only known at run time.
     "paper_layer_shape_dynamic_batch": (ConvShape(None, 32, 32, 30, 40, (3, 3), pads=(1, 1, 1, 1)), 4),
+    # P = 4 cells: the batch is folded into the GEMM columns although it is only known at run time.
+    "grouped_7x7_dynamic_batch_folded": (ConvShape(None, 6, 9, 7, 7, (3, 3), pads=(1, 1, 1, 1), group=3), 4),
 }
 
 
@@ -189,5 +196,7 @@ def test_edge_cases_cover_their_geometry():
     assert max(*wide.input_pad_begin, *wide.input_pad_end) >= min(wide.input_patch)
     assert FilterGeometry(*EDGE_CASES["dilation_at_patch_step8"]).uses_dilated_kernel
     assert not FilterGeometry(*EDGE_CASES["dilation_below_patch"]).uses_dilated_kernel
+    assert not filter_ops._folds_batch(FilterGeometry(*EDGE_CASES["paper_layer_shape_dynamic_batch"]))
+    assert filter_ops._folds_batch(FilterGeometry(*EDGE_CASES["grouped_7x7_dynamic_batch_folded"]))
     half = FilterGeometry(*EDGE_CASES["patch_larger_than_half_map"])
     assert half.patch > half.conv.out_height / 2

@@ -33,9 +33,31 @@ numbers):
   for 78 M MACs); the ``MatMul`` keeps groups as a batch axis and needs no conv
   attributes. Depthwise convs use a ``Mul``; step 8 (dilation ≥ r) is a
   ``ConvTranspose`` with the full kernel.
-* ``dW_sum`` is one batched ``MatMul`` per sample and group, then a ``MatMul`` with a
-  1×N ones row sums the batch (``ReduceSum`` over the batch axis is 7–14× slower:
-  0.94 ms vs 0.13 ms for 8×512×512); with a static batch of 1 there is no sum.
+* ``dW_sum`` is, per group, ``dY_avg · X_sumᵀ`` contracted over the batch and the patch
+  grid. Depthwise convs use a ``Mul`` and a ``ReduceSum``.
+* Batch folding (`_folds_batch`). On a small patch grid (P = ph·pw ≤ 16 cells) both
+  products take the batch folded into their GEMM columns: dY_avg and X_sum are
+  transposed to g×c×(N·P), ``dW_sum`` is one GEMM per group whose N·P contraction also
+  sums the batch, and ``dX_small`` is one GEMM per group transposed back to
+  N×Ci×ph×pw. Unfolded, onnxruntime runs N GEMMs of only P columns (re-transposing
+  the weight block for each) and an N×Co×(Ci/g) stack of per-sample dW sums that a
+  ``MatMul`` with a 1×N ones row reduces (``ReduceSum`` over the batch axis is 7–14×
+  slower: 0.94 ms vs 0.13 ms for 8×512×512). Medians of interleaved runs, 2 threads,
+  batch 8, unfolded → folded, whole filtered backward at 7×7, r=4 (P=4): 1×1 160→960
+  1.26 → 0.93 ms, 960→320 2.31 → 1.27, 320→1280 3.21 → 1.26, 3×3 512 ch 3.17 → 1.84,
+  3×3 512 ch stride 2 3.51 → 2.21 (per op at 960→320: dX_small 0.79 → 0.21 ms,
+  dW_sum 0.41 → 0.13 ms, the three transposes 0.11 ms). The two products alone,
+  folded/unfolded: 0.36–0.57 at P=4, 0.50–0.76 at P=9; at P=16 0.59–0.80 for 3×3
+  256+ ch and 1×1 320+ ch, ties (0.87–1.03) for MobileNetV2's 14×14 1×1 layers; at
+  P=25–49 still 0.71–0.94 for 320+ ch but 0.96–1.10 (minima up to 1.5) for 32↔192 ch
+  and 3×3 128–256 ch; 1.2–1.5 at P=196, 2.8 at P=784. The transposes move
+  N·P·(Co+2Ci) floats while folding saves work growing with Co·Ci/g, and MLAS's SGEMM
+  packs columns in zero-padded panels of 16, so per-sample GEMMs waste most at P ≤ 16.
+  Folding everything made the whole backward of 128 ch 120×160 (P=4800 / 1200) 1.18× /
+  1.11× slower at batch 8. Batch 2 and 32 (whole backward): P=4 0.85–1.04 and
+  0.44–0.64, P=16 0.88–1.01 and 0.91–1.08. With a static batch of 1 folding is a
+  plain ``Reshape`` (onnxruntime then runs the same ops as unfolded); a dynamic batch
+  folds with the same ops as a static one.
 * Step 5's broadcast over kernel taps is a ``MatMul`` with a 1×(kh·kw) ones row
   (0.29 ms for 512×512×3×3; ``Expand`` 7.0 ms, ``Tile`` 4.1 ms, a broadcasting ``Mul``
   3.5 ms) followed by a ``Reshape``, which is free inside a graph but is a copy
@@ -196,9 +218,48 @@ def _is_depthwise_like(geom: FilterGeometry) -> bool:
     return geom.conv.out_per_group == 1 and geom.conv.in_per_group == 1
 
 
+# MLAS's SGEMM packs its right-hand operand in zero-padded panels of 16 columns.
+FOLD_MAX_PATCHES = 16
+
+
+def _folds_batch(geom: FilterGeometry) -> bool:
+    """Whether the per-group products take the batch folded into their GEMM columns.
+
+    Per sample, a product has P = ph·pw columns (dX_small) or a contraction of length P
+    (dW_sum), and onnxruntime runs it as N small GEMMs, each transposing the weight
+    block again, plus an N×Co×(Ci/g) stack of partial dW sums. Folding the batch
+    (g×c×(N·P) operands) makes one GEMM per group but costs three transposes of
+    N×C×P tensors. It wins while P fits one 16-column panel of MLAS's SGEMM and
+    loses from P ≈ 49 on at all but the widest layers (see the module docstring).
+    With a static batch of 1 folding is a ``Reshape`` and always taken.
+    """
+    ph, pw = geom.patches
+    return geom.conv.batch == 1 or ph * pw <= FOLD_MAX_PATCHES
+
+
+def _fold_batch(e: _Emitter, value: ir.Value, per_group: int, geom: FilterGeometry, name: str) -> ir.Value:
+    """N×(g·c)×ph×pw viewed as g×c×(N·P): one GEMM operand per group with the batch folded in.
+
+    With a static batch of 1 this is a ``Reshape``; otherwise the batch axis is moved
+    behind the channels by a ``Transpose`` of the (small) patch-grid tensor.
+    """
+    g = geom.conv.group
+    folded_shape = e.ints(f"{name}_shape", [g, per_group, -1])
+    if geom.conv.batch == 1:
+        return e.op("Reshape", [value, folded_shape], name)
+    groups = e.op("Reshape", [value, e.ints(f"{name}_groups_shape", [0, g, per_group, -1])], f"{name}_groups")
+    moved = e.op("Transpose", [groups], f"{name}_batch_inner", perm=[1, 2, 0, 3])  # g×c×N×P
+    return e.op("Reshape", [moved, folded_shape], name)
+
+
 def _grad_output_groups(e: _Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
-    """dY_avg viewed as N×g×(Co/g)×P, the layout of the per-group products."""
+    """dY_avg as the right-hand operand of the per-group products.
+
+    g×(Co/g)×(N·P) when the batch is folded (`_folds_batch`), else N×g×(Co/g)×P.
+    """
     conv = geom.conv
+    if _folds_batch(geom):
+        return _fold_batch(e, dy_avg, conv.out_per_group, geom, "dY_avg_folded")
     shape = e.ints("dY_avg_groups_shape", [0, conv.group, conv.out_per_group, -1])
     return e.op("Reshape", [dy_avg, shape], "dY_avg_groups")
 
@@ -208,10 +269,11 @@ def _weight_sum_grad(
 ) -> ir.Value:
     """Backward steps 3–4: dW_sum = Σ_{n,p} dY_avg ⊗ X_sum, block-diagonal over groups; Co×(Ci/g).
 
-    One batched ``MatMul`` per sample and group (N×g×cog×cig), then the batch is summed
-    by a second ``MatMul`` with a 1×N ones row (``ReduceSum`` over the batch axis is
-    7–14× slower in ORT CPU); with a static batch of 1 there is nothing to sum.
-    Depthwise-like convs are a ``Mul`` and a ``ReduceSum``.
+    Batch folded (`_folds_batch`, always at batch 1): X_sum is folded like dY_avg to
+    g×(Ci/g)×(N·P) and one batched ``MatMul`` per group contracts over N·P, summing the
+    batch in the GEMM. Otherwise one batched ``MatMul`` per sample and group
+    (N×g×cog×cig), then the batch is summed by a second ``MatMul`` with a 1×N ones row
+    (``ReduceSum`` over the batch axis is 7–14× slower in ORT CPU). Depthwise-like convs are a ``Mul`` and a ``ReduceSum``.
     """
     conv = geom.conv
     g, cig = conv.group, conv.in_per_group
@@ -220,11 +282,14 @@ def _weight_sum_grad(
         product = e.op("Mul", [dy_avg, x_sum], "dY_avg_x_X_sum")
         summed = e.op("ReduceSum", [product, e.ints("dW_sum_axes", [0, 2, 3])], "dW_sum_flat", keepdims=0)
         return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
+    if _folds_batch(geom):
+        x_folded = _fold_batch(e, x_sum, cig, geom, "X_sum_folded")
+        x_folded_t = e.op("Transpose", [x_folded], "X_sum_folded_T", perm=[0, 2, 1])  # g×(N·P)×cig
+        blocks = e.op("MatMul", [dy_groups, x_folded_t], "dW_sum_groups")  # g×cog×cig
+        return e.op("Reshape", [blocks, dw_sum_shape], "dW_sum")
     x_groups = e.op("Reshape", [x_sum, e.ints("X_groups_shape", [0, g, cig, -1])], "X_sum_groups")
     x_groups_t = e.op("Transpose", [x_groups], "X_sum_groups_T", perm=[0, 1, 3, 2])
     per_sample = e.op("MatMul", [dy_groups, x_groups_t], "dW_sum_per_sample")  # N×g×cog×cig
-    if conv.batch == 1:
-        return e.op("Reshape", [per_sample, dw_sum_shape], "dW_sum")
     flat = e.op("Reshape", [per_sample, e.ints("per_sample_flat_shape", [0, -1])], "dW_sum_per_sample_flat")
     summed = e.op("MatMul", [_batch_ones(e, dy_avg, conv.batch), flat], "dW_sum_row")  # 1×(Co·cig)
     return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
@@ -248,9 +313,12 @@ def _small_input_grad(
     """Backward steps 3, 4 and 8: dX on the patch grid, N×Ci×ph×pw.
 
     Steps 3–4 are, per group, ``W_sumᵀ · dY_avg``: a ``Transpose`` of the (small) W_sum
-    blocks and a batched ``MatMul`` (onnxruntime fuses the two into one ``FusedMatMul``);
-    depthwise convs (one input and one output channel per group) are a ``Mul``. Step 8
-    is a ``ConvTranspose`` with the full kernel, dilation and padding d // r.
+    blocks and a batched ``MatMul`` (onnxruntime fuses the two into one ``FusedMatMul``).
+    With the batch folded (`_folds_batch`) that is one GEMM per group, g×cig×(N·P),
+    whose result is transposed back to batch-first (a ``Reshape`` alone at batch 1);
+    otherwise one GEMM per sample and group, N×g×cig×P. Depthwise convs (one input
+    and one output channel per group) are a ``Mul``. Step 8 is a ``ConvTranspose``
+    with the full kernel, dilation and padding d // r.
     """
     conv = geom.conv
     g, cog, cig = conv.group, conv.out_per_group, conv.in_per_group
@@ -265,8 +333,12 @@ def _small_input_grad(
     ph, pw = geom.patches
     blocks = e.op("Reshape", [w_sum, e.ints("W_sum_blocks_shape", [g, cog, cig])], "W_sum_blocks")
     blocks_t = e.op("Transpose", [blocks], "W_sum_blocks_T", perm=[0, 2, 1])  # g×cig×cog
-    product = e.op("MatMul", [blocks_t, dy_groups], "dX_small_groups")  # N×g×cig×P
-    return e.op("Reshape", [product, e.ints("dX_small_shape", [0, conv.in_channels, ph, pw])], "dX_small")
+    product = e.op("MatMul", [blocks_t, dy_groups], "dX_small_groups")
+    if _folds_batch(geom) and conv.batch != 1:  # g×cig×(N·P) → g×cig×N×P → N×g×cig×P
+        unfolded = e.op("Reshape", [product, e.ints("dX_small_unfolded_shape", [g, cig, -1, ph * pw])], "dX_small_unfolded")
+        product = e.op("Transpose", [unfolded], "dX_small_batch_first", perm=[2, 0, 1, 3])
+    # N×g×cig×P, or g×cig×P (folded, batch 1)
+    return e.op("Reshape", [product, e.ints("dX_small_shape", [-1, conv.in_channels, ph, pw])], "dX_small")
 
 
 def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) -> ir.Value:
