@@ -905,7 +905,8 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
             x += 1
         group_centers.append((start + x - 1) / 2)
         x += 0.8
-    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.45 * len(positions) + 2.5), 9.5), sharex=True,
+    two_line = any("\n" in label for label in labels)
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0 if two_line else 6.0, 0.55 * len(positions) + 2.5), 9.5), sharex=True,
                              gridspec_kw={"height_ratios": [2.2, 1.2, 1.2]})
     step_ax, bwd_ax, mem_ax = axes
     rows = [row for report in reports for row in report["variants"]]
@@ -961,10 +962,10 @@ def plot(reports: list[dict], path: os.PathLike | str, titles: list[str] | None 
     mem_ax.scatter(positions, convs_held, marker="_", s=160, linewidths=2, color="#c0392b", zorder=3,
                    label="... by the trained convs (static)")
     mem_ax.set_ylabel("memory, MiB")
-    mem_ax.legend(fontsize=7, ncol=3 if len(positions) > 6 else 1, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
+    mem_ax.legend(fontsize=7, ncol=2 if len(positions) > 6 else 1, loc="lower center", bbox_to_anchor=(0.5, 1.01), frameon=False)
     mem_ax.set_xticks(positions, labels, fontsize=7)
     for center, title in zip(group_centers, titles):
-        mem_ax.annotate(title, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -18),
+        mem_ax.annotate(title, (center, 0), xycoords=("data", "axes fraction"), xytext=(0, -30 if two_line else -18),
                         textcoords="offset points", ha="center", va="top", fontsize=7)
     fig.suptitle("exact vs gradient-filtered training: step time by part (ORT profiler), backward, memory", fontsize=9)
     fig.tight_layout()
