@@ -226,9 +226,8 @@ class TrainingStep:
         self.input_name = manifest["inputs"][0]["name"]
         self.prefix = None
         if manifest.get("form") == "two_stage":
-            outputs = [b["name"] for b in manifest["boundary"] if not b["from_input"]]
-            self.prefix = FrozenPrefix(directory / manifest["files"]["prefix_model"], self.input_name, outputs,
-                                       Device("cpu"), session_options(threads, arena=arena, spinning=spinning))
+            self.prefix = FrozenPrefix.from_manifest(directory, manifest, Device("cpu"),
+                                                     session_options(threads, arena=arena, spinning=spinning))
         self.names = list(self.module.input_names())
         self.label = ort.OrtValue.ortvalue_from_numpy(y)
         self.x_value = ort.OrtValue.ortvalue_from_numpy(self.x)

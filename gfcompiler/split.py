@@ -86,12 +86,13 @@ def why_not_split(model: ir.Model, selection: Selection) -> str | None:
     if not frozen:
         return "every node is in the trained region: there is no frozen prefix"
     inputs = set(data_inputs(model))
-    if not any(value not in inputs for value in boundary_values(model.graph, region)):
+    crossing = boundary_values(model.graph, region)
+    if not any(value not in inputs for value in crossing):
         return "the trained region reads only the data input: the frozen nodes do not feed it"
     first_output = model.graph.outputs[0]
     if first_output.producer() not in region:
         return f"the model output {first_output.name!r} does not depend on a trained layer"
-    for value in boundary_values(model.graph, region):
+    for value in crossing:
         if value.shape is None or value.dtype is None:
             return f"tensor {value.name!r} crossing into the trained region has no inferred type/shape"
     return None

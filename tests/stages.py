@@ -22,8 +22,6 @@ def module_inputs(directory: Path, module, x: np.ndarray, labels: np.ndarray) ->
     manifest = read_manifest(Path(directory))
     feeds = {manifest["inputs"][0]["name"]: x, manifest["label"]["name"]: labels}
     if manifest.get("form") == "two_stage":
-        outputs = [b["name"] for b in manifest["boundary"] if not b["from_input"]]
-        prefix = FrozenPrefix(Path(directory) / manifest["files"]["prefix_model"], manifest["inputs"][0]["name"],
-                              outputs, Device("cpu"))
+        prefix = FrozenPrefix.from_manifest(directory, manifest, Device("cpu"))
         feeds.update({name: value.numpy() for name, value in prefix(x).items()})
     return [feeds[name] for name in module.input_names()]

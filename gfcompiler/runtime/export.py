@@ -6,7 +6,8 @@ label input disappears) and writes the current parameters into it as initializer
 onnx package is needed. Two-stage artifacts recombine prefix and trained suffix the
 same way: their ``export_model.onnx`` is the whole forward graph with the trainable
 parameters as inputs, which a second Module (on a copy of the current parameters, so
-the training module's state is never touched) takes as its eval model and exports. The model is written to a temporary file beside the target,
+the training module's state is never touched) takes as its eval model and exports.
+The model is written to a temporary file beside the target,
 loaded by a plain ``InferenceSession`` on CPU, checked to take only the data input and
 to reproduce the runtime's eval outputs on a fixed batch, and only then moved into place
 with ``os.replace``.

@@ -44,6 +44,17 @@ class FrozenPrefix:
         self._device_index = device.index
         self._where = device.ort_device
 
+    @classmethod
+    def from_manifest(cls, directory: Path, manifest: dict, device: devices.Device, options=None) -> FrozenPrefix:
+        """The prefix of the two-stage artifacts in ``directory`` (``manifest``: their manifest.json).
+
+        It outputs every boundary tensor but the data input itself (which the caller feeds
+        to the training module directly). ``options`` are modified (optimization level).
+        """
+        outputs = [b["name"] for b in manifest["boundary"] if not b.get("from_input")]
+        return cls(Path(directory) / manifest["files"]["prefix_model"], manifest["inputs"][0]["name"], outputs,
+                   device, options)
+
     def __call__(self, x: np.ndarray) -> dict:
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, x)

@@ -10,8 +10,8 @@
 It wraps onnxruntime-training's Module / Optimizer / CheckpointState (through
 gfcompiler.ort_training, so neither torch nor onnx is imported) and adds what they
 leave to the caller: for two-stage artifacts, the frozen prefix model run before the
-training module (gfcompiler.runtime.prefix), and the manifest's learning-rate multiplier, non-finite loss
-detection, labels for the eval model, and errors a user can act on. Epochs, schedules
+training module (gfcompiler.runtime.prefix), the manifest's learning-rate multiplier,
+non-finite loss detection, labels for the eval model, and errors a user can act on. Epochs, schedules
 and checkpoints are gfcompiler.runtime.loop's job.
 """
 
@@ -74,6 +74,7 @@ class Trainer:
         self.state = self._load_state()
         spinning = session_spinning(self.artifacts.two_stage)
         self._options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
+        # The prefix gets options of its own: FrozenPrefix raises their optimization level.
         self._prefix_options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
         self.module, self.optimizer = self._create_sessions()
         self.prefix = self._create_prefix()
@@ -121,10 +122,7 @@ class Trainer:
 
     def _create_prefix(self) -> FrozenPrefix | None:
         a = self.artifacts
-        if not a.two_stage:
-            return None
-        outputs = [b.name for b in a.boundary if not b.from_input]
-        return FrozenPrefix(a.path("prefix_model"), a.input.name, outputs, self.device, self._prefix_options)
+        return FrozenPrefix.from_manifest(a.directory, a.manifest, self.device, self._prefix_options) if a.two_stage else None
 
     def _io_positions(self, training: bool) -> tuple[list[str], int, int | None]:
         """(input order, loss output index, model output index or None) of one session."""
