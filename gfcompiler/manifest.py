@@ -57,6 +57,21 @@ TWO_STAGE_FILES = {
     "prefix_model": "prefix_model.onnx",
     "export_model": "export_model.onnx",
 }
+# ``--backend onnx``: the files of a step-model directory (manifest "form": "step_model").
+STEP_FILES = {
+    "step_model": "step_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "export_model": "export_model.onnx",
+    "state": "initial_state.npz",
+}
+BACKEND_ORT_TRAINING = "ort-training"
+BACKEND_ONNX = "onnx"
+BACKENDS = (BACKEND_ONNX, BACKEND_ORT_TRAINING)
+
+
+def manifest_backend(manifest: dict) -> str:
+    """The backend a manifest was compiled for; formats 1 and 2 (no ``backend`` key) are ort-training."""
+    return str(manifest.get("backend") or BACKEND_ORT_TRAINING)
 
 
 def sha256_file(path: Path) -> str:
