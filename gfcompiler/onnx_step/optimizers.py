@@ -1,0 +1,163 @@
+"""The optimizer step as standard ONNX ops: torch.optim.AdamW and torch.optim.SGD.
+
+`build_update` appends one optimizer step to the step model: it reads each trained
+parameter, its gradient and its optimizer state (`state_slots`), and returns fresh
+values for the updated parameters and states, which the caller wires to the graph
+outputs ``<param>.updated`` and ``<slot>.updated``.
+
+The update follows torch's single-tensor implementations (``_single_tensor_adam``
+with decoupled weight decay, ``_single_tensor_sgd``; torch's default on CPU)
+operation by operation, so the two differ only where torch's CPU kernels fuse a
+multiply-add (``lerp``/``add`` with alpha may use FMA): a float32 ulp now and then.
+
+* Everything that depends only on ``lr`` and ``step`` (decay factor, bias
+  corrections, step size) is computed once per step on scalars, in float64 as
+  torch does in Python, and rounded to float32 once, as torch rounds a Python
+  scalar operand for a float32 kernel. Per parameter only full-tensor ops remain:
+  AdamW 14 (13 without weight decay), SGD at most 6.
+* torch.optim.SGD's first momentum step sets ``buf = g`` (a clone) instead of
+  ``μ·buf + g``; here the momentum factor is a scalar ``Where(step == 1, 0, μ)``,
+  which gives ``0·buf + g = g`` exactly provided the state enters step 1 finite
+  (the runtime initializes every state slot to zeros).
+* ``step`` is t, the 1-based index of this step, as a float32 scalar; ``lr`` the
+  float32 learning rate of this step (already scheduled by the runtime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from gfcompiler.artifacts import OPTIMIZERS, OptimizerSpec
+from gfcompiler.errors import UnsupportedModelError
+from gfcompiler.onnx_step.emit import Emitter
+
+# torch.optim.AdamW defaults (amsgrad False, maximize False).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+PHASE = "optimizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSlot:
+    """One optimizer state tensor of one parameter (shape and dtype: the parameter's)."""
+
+    param: str  # parameter name
+    kind: str  # "exp_avg" | "exp_avg_sq" | "momentum_buffer"
+    name: str  # graph input name, f"{param}.{kind}"
+
+
+def _kinds(spec: OptimizerSpec) -> tuple[str, ...]:
+    if spec.name == "adamw":
+        return ("exp_avg", "exp_avg_sq")
+    if spec.name == "sgd":
+        if not 0.0 <= spec.momentum < 1.0:
+            raise UnsupportedModelError(f"--momentum must be in [0, 1), got {spec.momentum}")
+        return ("momentum_buffer",) if spec.momentum > 0 else ()
+    raise UnsupportedModelError(f"unknown optimizer {spec.name!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+def state_slots(spec: OptimizerSpec, params: list[str]) -> list[StateSlot]:
+    """The state tensors `build_update` reads and writes, parameter by parameter (all start as zeros)."""
+    kinds = _kinds(spec)
+    return [StateSlot(param, kind, f"{param}.{kind}") for param in params for kind in kinds]
+
+
+def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], grads: dict[str, ir.Value],
+                 state: dict[str, ir.Value], lr: ir.Value, step: ir.Value) -> tuple[dict[str, ir.Value], dict[str, ir.Value]]:
+    """Emit one optimizer step; returns (updated params by param name, updated state by slot name).
+
+    ``params``/``grads`` are keyed by parameter name, ``state`` by `StateSlot.name`
+    (exactly `state_slots`); ``lr`` and ``step`` are float32 scalars. Shared scalar
+    ops are named ``<prefix>/<optimizer>/...``, per-parameter ones
+    ``<prefix>/<param>/<optimizer>/...`` (``<prefix>``: ``e``'s, when set).
+    """
+    kinds = _kinds(spec)
+    missing = [name for name in params if name not in grads]
+    if missing:
+        raise KeyError(f"no gradient for parameters {missing}")
+    wd = float(spec.effective_weight_decay)
+    shared = _child(e, spec.name)
+    lr64 = shared.op("Cast", [lr], "lr_f64", to=ir.DataType.DOUBLE)
+    new_params: dict[str, ir.Value] = {}
+    new_state: dict[str, ir.Value] = {}
+    if spec.name == "adamw":
+        beta1, beta2 = ADAM_BETAS
+        one = shared.scalar("one", 1.0, np.float64)
+        step64 = shared.op("Cast", [step], "step_f64", to=ir.DataType.DOUBLE)
+        # torch (Python floats): bias_correction1 = 1 - beta1**step; step_size = lr / bias_correction1;
+        # bias_correction2_sqrt = (1 - beta2**step)**0.5; the decoupled decay factor 1 - lr*wd.
+        bc1 = shared.op("Sub", [one, shared.op("Pow", [shared.scalar("beta1", beta1, np.float64), step64], "beta1_pow")],
+                        "bias_correction1")
+        bc2 = shared.op("Sub", [one, shared.op("Pow", [shared.scalar("beta2", beta2, np.float64), step64], "beta2_pow")],
+                        "bias_correction2")
+        neg_step_size = _f32(shared, shared.op("Neg", [shared.op("Div", [lr64, bc1], "step_size_f64")], "neg_step_size_f64"),
+                             "neg_step_size")
+        bc2_sqrt = _f32(shared, shared.op("Sqrt", [bc2], "bias_correction2_sqrt_f64"), "bias_correction2_sqrt")
+        decay = None
+        if wd != 0:
+            decay = _f32(shared, shared.op("Sub", [one, shared.op("Mul", [lr64, shared.scalar("wd", wd, np.float64)], "lr_wd")],
+                                           "decay_f64"), "decay")
+        # Python-float constants as torch's float32 kernels see them.
+        one_minus_beta1 = shared.scalar("one_minus_beta1", 1 - beta1)
+        beta2_32 = shared.scalar("beta2_f32", beta2)
+        one_minus_beta2 = shared.scalar("one_minus_beta2", 1 - beta2)
+        eps = shared.scalar("eps", ADAM_EPS)
+        for name, p in params.items():
+            pe = _child(e, f"{name}/adamw")
+            g, m, v = grads[name], state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
+            if decay is not None:
+                p = pe.op("Mul", [p, decay], "decayed")  # param.mul_(1 - lr*wd)
+            # exp_avg.lerp_(grad, 1 - beta1): m + w·(g − m) (torch's lerp for |w| < 0.5)
+            m = pe.op("Add", [m, pe.op("Mul", [pe.op("Sub", [g, m], "g_minus_m"), one_minus_beta1], "m_delta")], "exp_avg")
+            # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): v·β2 + ((1−β2)·g)·g
+            v = pe.op("Add", [pe.op("Mul", [v, beta2_32], "v_scaled"),
+                              pe.op("Mul", [pe.op("Mul", [g, one_minus_beta2], "g_scaled"), g], "g_sq")], "exp_avg_sq")
+            # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            denom = pe.op("Add", [pe.op("Div", [pe.op("Sqrt", [v], "v_sqrt"), bc2_sqrt], "v_sqrt_corrected"), eps], "denom")
+            # param.addcdiv_(exp_avg, denom, value=-step_size): p + ((−step_size)·m)/denom
+            delta = pe.op("Div", [pe.op("Mul", [m, neg_step_size], "m_step"), denom], "delta")
+            new_params[name] = _like(pe.op("Add", [p, delta], "param"), params[name])
+            new_state[f"{name}.exp_avg"] = _like(m, params[name])
+            new_state[f"{name}.exp_avg_sq"] = _like(v, params[name])
+        return new_params, new_state
+
+    # SGD (dampening 0, nesterov False): g += wd·p; buf = μ·buf + g (buf = g on step 1); p += (−lr)·buf.
+    neg_lr = _f32(shared, shared.op("Neg", [lr64], "neg_lr_f64"), "neg_lr")
+    wd32 = shared.scalar("wd", wd) if wd != 0 else None
+    momentum = None
+    if kinds:
+        first = shared.op("Equal", [step, shared.scalar("one", 1.0)], "first_step")
+        momentum = shared.op("Where", [first, shared.scalar("zero", 0.0), shared.scalar("momentum_f32", spec.momentum)],
+                             "momentum")
+    for name, p in params.items():
+        pe = _child(e, f"{name}/sgd")
+        g = grads[name]
+        if wd32 is not None:
+            g = pe.op("Add", [g, pe.op("Mul", [p, wd32], "p_wd")], "grad_decayed")  # grad.add(param, alpha=wd)
+        if momentum is not None:
+            slot = f"{name}.momentum_buffer"
+            g = pe.op("Add", [pe.op("Mul", [state[slot], momentum], "buf_scaled"), g], "momentum_buffer")
+            new_state[slot] = _like(g, params[name])
+        new_params[name] = _like(pe.op("Add", [p, pe.op("Mul", [g, neg_lr], "delta")], "param"), params[name])
+    return new_params, new_state
+
+
+def _child(e: Emitter, name: str) -> Emitter:
+    return e.child(f"{e.prefix}/{name}" if e.prefix else name, phase=PHASE)
+
+
+def _f32(e: Emitter, value: ir.Value, name: str) -> ir.Value:
+    return e.op("Cast", [value], name, to=ir.DataType.FLOAT)
+
+
+def _like(value: ir.Value, param: ir.Value) -> ir.Value:
+    """``value`` typed and shaped as ``param`` (where known), for the caller's graph outputs."""
+    if param.type is not None:
+        value.type = param.type
+    if param.shape is not None:
+        value.shape = param.shape
+    return value
