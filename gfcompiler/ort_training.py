@@ -1,5 +1,12 @@
 """The one place that deals with onnxruntime-training's import quirks.
 
+`onnxruntime` gives the ``onnxruntime`` module of whichever build is installed: the
+training build (onnxruntime-training / -cpu 1.19.2) or a plain inference build
+(onnxruntime, onnxruntime-gpu), for which nothing here is needed and nothing is done.
+The ``--backend onnx`` runtime uses only that and `error_message`; `api`, `artifacts`
+and `onnxblock` exist in the training build alone and raise `TrainingBuildMissing`
+elsewhere.
+
 Two quirks of the onnxruntime-training 1.19.2 wheels:
 
 * ``import onnxruntime.training`` runs a package ``__init__`` that imports torch-only
@@ -34,6 +41,12 @@ _ORTMODULE = "onnxruntime.training.ortmodule"
 
 class TrainingBuildMissing(TrainingError):
     """onnxruntime is installed without the training API (the plain inference build)."""
+
+
+TRAINING_BUILD_HINT = (
+    "install onnxruntime-training-cpu==1.19.2 (x86-64, Python <= 3.12) instead of the plain onnxruntime "
+    "package, or use `--backend onnx`, which needs only onnxruntime"
+)
 
 
 def _register_bare_training_package() -> None:
@@ -75,10 +88,14 @@ def training_submodule(name: str) -> types.ModuleType:
     _register_bare_training_package()
     if _TRAINING not in sys.modules:
         raise TrainingBuildMissing(
-            "onnxruntime-training is not installed (this onnxruntime has no training API); "
-            "install onnxruntime-training-cpu==1.19.2 instead of the plain onnxruntime package"
+            f"onnxruntime-training is not installed (this onnxruntime has no training API): {TRAINING_BUILD_HINT}"
         )
-    return importlib.import_module(f"{_TRAINING}.{name}")
+    try:
+        return importlib.import_module(f"{_TRAINING}.{name}")
+    except ImportError as error:
+        raise TrainingBuildMissing(
+            f"onnxruntime's training API does not import ({error_message(error)}): {TRAINING_BUILD_HINT}"
+        ) from None
 
 
 def api() -> types.ModuleType:

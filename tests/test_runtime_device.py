@@ -1,10 +1,15 @@
-"""Device selection: CPU always; CUDA only when every piece works, else a one-line reason."""
+"""Device selection: CPU always; CUDA only when every piece works, else a one-line reason.
+
+Runs with the onnxruntime-training build and with plain onnxruntime / onnxruntime-gpu:
+the artifacts here are ``--backend onnx`` ones (tests/onnx_step_fixtures.py), except in
+the ort-training CUDA check, which skips without onnxruntime-training.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_fixtures import compiled, digits_npz
+from onnx_step_fixtures import ort_training_available, step_artifacts, synthetic_npz
 
 from gfcompiler.errors import InputError, TrainingError
 from gfcompiler.runtime import Trainer, device
@@ -61,8 +66,8 @@ def test_cuda_request_without_cuda_is_one_line(tmp_path, capsys):
     assert auto.kind == "cpu" and auto.note.startswith("auto: CUDA unavailable")
     assert "pip install" not in auto.note  # the fix is for those who asked for CUDA
     with pytest.raises(TrainingError, match="cannot train on cuda:0"):
-        Trainer(compiled(), device="cuda")
-    code = runtime_main(["train", str(compiled()), "--data", str(digits_npz(tmp_path / "d.npz", n=32)),
+        Trainer(step_artifacts(), device="cuda")
+    code = runtime_main(["train", str(step_artifacts()), "--data", str(synthetic_npz(tmp_path / "d.npz", n=32)),
                          "--device", "cuda", "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == TrainingError.exit_code and len(err.splitlines()) == 1 and "cuda" in err
@@ -70,7 +75,12 @@ def test_cuda_request_without_cuda_is_one_line(tmp_path, capsys):
 
 def test_cpu_build_names_the_missing_provider(monkeypatch):
     monkeypatch.setattr(device.onnxruntime(), "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert "no CUDA execution provider in this onnxruntime build" in device.cuda_problem()
+    problem = device.cuda_problem()
+    assert "no CUDA execution provider in this onnxruntime build" in problem
+    if device.is_training_build():
+        assert 'pip install "gfcompiler[cuda]"' in problem
+    else:
+        assert "pip install onnxruntime-gpu" in problem
 
 
 class _Driver:
@@ -122,7 +132,7 @@ def test_preload_order_and_missing_cudnn(monkeypatch, tmp_path):
 
     monkeypatch.setattr(device, "_load_library", fake_load)
     with pytest.raises(device.CudaUnavailable) as caught:
-        device.preload_cuda_libraries()
+        device.preload_cuda11_libraries()
     message = str(caught.value)
     assert message.startswith("libcudnn.so.8 not found") and "pip install nvidia-cudnn-cu11==8.9.6.50" in message
     assert [p.rsplit("/", 1)[-1] for p in loaded] == [
@@ -136,27 +146,77 @@ def test_preload_order_and_missing_cudnn(monkeypatch, tmp_path):
             (tmp_path / "cudnn" / "lib" / library.soname).write_bytes(b"")
     loaded.clear()
     monkeypatch.setattr(device, "_load_library", loaded.append)
-    device.preload_cuda_libraries.cache_clear()
-    names = [p.rsplit("/", 1)[-1] for p in device.preload_cuda_libraries()]
+    names = [p.rsplit("/", 1)[-1] for p in device.preload_cuda11_libraries()]
     assert names[-1] == "libcudnn.so.8" and names.index("libcudnn_ops_infer.so.8") < names.index("libcudnn_cnn_infer.so.8")
+
+
+def test_plain_gpu_build_preloads_with_onnxruntime(monkeypatch, capsys):
+    """onnxruntime-gpu (CUDA 12+) loads its libraries with its own preload_dlls, quietly; the training build does not."""
+    calls = []
+
+    def preload_dlls(**kwargs):
+        calls.append(kwargs)
+        print("Failed to load libcudnn.so.9")
+
+    monkeypatch.setattr(device.onnxruntime(), "preload_dlls", preload_dlls, raising=False)
+    monkeypatch.setattr(device, "is_training_build", lambda ort=None: False)
+    monkeypatch.setattr(device, "preload_cuda11_libraries", lambda: pytest.fail("CUDA 11 preload for a plain build"))
+    assert device.preload_cuda_libraries() == ("onnxruntime.preload_dlls",)
+    assert calls == [{"directory": ""}] and capsys.readouterr().out == ""
+    device.preload_cuda_libraries.cache_clear()
+    monkeypatch.setattr(device, "is_training_build", lambda ort=None: True)
+    monkeypatch.setattr(device, "preload_cuda11_libraries", lambda: ("libcudart.so.11.0",))
+    assert device.preload_cuda_libraries() == ("libcudart.so.11.0",) and len(calls) == 1
 
 
 def test_threads_setting():
     assert device.session_options(1).intra_op_num_threads == 1
     with pytest.raises(InputError, match="--threads must be at least 1"):
         device.session_options(0)
-    trainer = Trainer(compiled(), device="cpu", threads=1)
+    trainer = Trainer(step_artifacts(), device="cpu", threads=1)
     x = np.zeros((2, 1, 16, 16), np.float32)
     assert np.isfinite(trainer.step(x, np.array([0, 1])))
 
 
+def _artifacts(backend: str):
+    if backend == "onnx":
+        return step_artifacts()
+    if not ort_training_available():
+        pytest.skip("ort-training artifacts need onnxruntime-training")
+    from runtime_fixtures import compiled
+
+    return compiled()
+
+
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_training_matches_cpu():
+@pytest.mark.parametrize("backend", ["ort-training", "onnx"])
+def test_cuda_training_matches_cpu(backend):
     x = np.random.default_rng(0).random((8, 1, 16, 16)).astype(np.float32)
     y = np.arange(8) % 10
-    cpu, gpu = Trainer(compiled(), device="cpu"), Trainer(compiled(), device="cuda")
+    artifacts = _artifacts(backend)
+    cpu, gpu = Trainer(artifacts, device="cpu"), Trainer(artifacts, device="cuda")
     assert gpu.device.kind == "cuda" and device.select_device("auto").kind == "cuda"
     for _ in range(3):
         assert gpu.step(x, y, lr=1e-2) == pytest.approx(cpu.step(x, y, lr=1e-2), rel=1e-3)
     np.testing.assert_allclose(gpu.predict(x), cpu.predict(x), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_onnx_backend_state_stays_on_the_gpu(tmp_path):
+    """Step k's state outputs are step k+1's inputs on the GPU; checkpoints and export still work."""
+    from onnx_step_fixtures import fresh_step_copy, synthetic_data
+
+    artifacts = fresh_step_copy(tmp_path)
+    gpu, cpu = Trainer(artifacts, device="cuda"), Trainer(artifacts, device="cpu")
+    x, y = synthetic_data(32)
+    for _ in range(3):
+        assert gpu.step(x, y, lr=0.02) == pytest.approx(cpu.step(x, y, lr=0.02), rel=1e-4)
+    assert all(v.device_name().lower() == "cuda" for v in gpu.engine.values.values())
+    for name, value in cpu.engine.state_arrays().items():
+        np.testing.assert_allclose(gpu.engine.state_arrays()[name], value, rtol=1e-3, atol=1e-5)
+    gpu.save_checkpoint(tmp_path / "gpu.npz")
+    resumed = Trainer(artifacts, device="cuda", checkpoint=tmp_path / "gpu.npz")
+    assert resumed.step(x, y, lr=0.02) == gpu.step(x, y, lr=0.02)
+    gpu.export(tmp_path / "gpu.onnx")  # verified against the GPU eval outputs

@@ -1,4 +1,4 @@
-"""gfcompiler.runtime works with only onnxruntime-training, numpy and the standard library.
+"""gfcompiler.runtime runs ort-training artifacts with only onnxruntime-training, numpy and the standard library.
 
 Each check runs in a fresh interpreter. The first blocks onnx, onnx_ir, networkx and
 torch with a meta-path finder (as if they were not installed) and trains, evaluates and
@@ -13,7 +13,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+from onnx_step_fixtures import ort_training_available
 from runtime_fixtures import compiled, digits_npz
+
+if not ort_training_available():  # plain onnxruntime: tests/test_onnx_runtime_imports.py covers it
+    pytest.skip("ort-training artifacts need onnxruntime-training", allow_module_level=True)
 
 BLOCKED = ("onnx", "onnx_ir", "networkx", "torch")
 

@@ -3,9 +3,10 @@
 `open_artifacts` reads ``manifest.json`` (schema: gfcompiler.manifest), refuses a format
 this gfcompiler does not read, checks that every file is there and still has the sha256
 the compiler recorded, and returns an `Artifacts` with the few facts the runtime uses
-(input, output and label specs, loss, learning-rate multiplier, and for two-stage
-artifacts the boundary between the frozen prefix and the trained suffix). Every problem
-is an ArtifactError with a one-line message.
+(input, output and label specs, loss, learning-rate multiplier, the backend, for
+two-stage artifacts the boundary between the frozen prefix and the trained suffix, and
+for ``--backend onnx`` artifacts the step model's state tensors). Every problem is an
+ArtifactError with a one-line message. Nothing here imports onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ from pathlib import Path
 
 from gfcompiler import READABLE_ARTIFACT_FORMATS, __version__
 from gfcompiler.errors import ArtifactError
-from gfcompiler.manifest import FILES, MANIFEST_NAME, TWO_STAGE_FILES, read_manifest, sha256_file
+from gfcompiler.manifest import (
+    BACKEND_ONNX,
+    BACKEND_ORT_TRAINING,
+    BACKENDS,
+    FILES,
+    MANIFEST_NAME,
+    STEP_FILES,
+    TWO_STAGE_FILES,
+    manifest_backend,
+    read_manifest,
+    sha256_file,
+)
 
 LOSSES = ("cross_entropy", "mse", "bce", "l1")
 
@@ -46,6 +58,43 @@ class BoundaryTensor:
 
 
 @dataclasses.dataclass(frozen=True)
+class StateTensor:
+    """A tensor the step model carries from step to step: input ``name``, output ``updated``.
+
+    ``kind`` is "parameter" (a trainable parameter; ``param`` is its own name) or
+    "optimizer" (a slot such as ``<param>.exp_avg`` of parameter ``param``).
+    """
+
+    name: str
+    updated: str
+    kind: str
+    param: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The step model's interface (manifest key ``step``, ``--backend onnx`` only)."""
+
+    learning_rate: str
+    step: str
+    loss: str
+    output: str
+    state: tuple[StateTensor, ...]
+
+    @property
+    def parameters(self) -> tuple[StateTensor, ...]:
+        return tuple(s for s in self.state if s.kind == "parameter")
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> StepSpec:
+        state = tuple(
+            StateTensor(str(s["name"]), str(s["updated"]), str(s["kind"]), str(s.get("param") or s["name"]))
+            for s in entry["state"]
+        )
+        return cls(str(entry["learning_rate"]), str(entry["step"]), str(entry["loss"]), str(entry["output"]), state)
+
+
+@dataclasses.dataclass(frozen=True)
 class Artifacts:
     """A verified artifact directory."""
 
@@ -57,6 +106,8 @@ class Artifacts:
     loss: str
     lr_multiplier: float
     boundary: tuple[BoundaryTensor, ...] = ()  # empty: single-graph artifacts
+    backend: str = BACKEND_ORT_TRAINING  # or BACKEND_ONNX: one plain ONNX step model
+    step: StepSpec | None = None  # BACKEND_ONNX only
 
     @property
     def two_stage(self) -> bool:
@@ -69,7 +120,7 @@ class Artifacts:
         return tuple(b.name for b in self.boundary) if self.boundary else (self.input.name,)
 
     def path(self, key: str) -> Path:
-        """The path of one of the files in gfcompiler.manifest.FILES (or TWO_STAGE_FILES)."""
+        """The path of one of the files in gfcompiler.manifest.FILES (TWO_STAGE_FILES, STEP_FILES)."""
         return self.directory / self.manifest["files"][key]
 
     @property
@@ -100,7 +151,8 @@ class Artifacts:
     def identity(self) -> str:
         """What a training checkpoint records to refuse being loaded into other artifacts."""
         digests = self.manifest.get("file_digests") or {}
-        return str(digests.get(self.manifest["files"]["training_model"], ""))
+        key = "step_model" if self.backend == BACKEND_ONNX else "training_model"
+        return str(digests.get(self.manifest["files"][key], ""))
 
 
 def open_artifacts(directory: str | Path, *, verify: bool = True) -> Artifacts:
@@ -141,16 +193,23 @@ def _parse(directory: Path, manifest: dict) -> Artifacts:
         loss = str(manifest["loss"])
         lr_multiplier = float((manifest.get("optimizer") or {}).get("lr_multiplier", 1.0))
         files = manifest["files"]
+        backend = manifest_backend(manifest)
         form = manifest.get("form", "single_graph")
-        required = {**FILES, **(TWO_STAGE_FILES if form == "two_stage" else {})}
+        required = _required_files(backend, form)
         missing_keys = [key for key in required if key not in files]
         boundary = tuple(BoundaryTensor(str(b["name"]), bool(b.get("from_input"))) for b in manifest.get("boundary") or ())
+        step = StepSpec.from_manifest(manifest["step"]) if backend == BACKEND_ONNX else None
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ArtifactError(f"{where} is corrupted or incomplete (bad or missing key {error})") from None
+    if backend not in BACKENDS:
+        raise ArtifactError(f"{where} names backend {backend!r}; this runtime knows {', '.join(BACKENDS)}")
     if missing_keys:
         raise ArtifactError(f"{where} names no file for {', '.join(missing_keys)}")
-    if form not in ("single_graph", "two_stage") or (form == "two_stage") != bool(boundary):
+    forms = ("step_model",) if backend == BACKEND_ONNX else ("single_graph", "two_stage")
+    if form not in forms or (form == "two_stage") != bool(boundary):
         raise ArtifactError(f"{where} is corrupted: form {form!r} with {len(boundary)} boundary tensor(s)")
+    if step is not None:
+        _check_step(where, step)
     if len(inputs) != 1:
         raise ArtifactError(f"{where} lists {len(inputs)} data inputs; the runtime trains models with exactly one")
     if not outputs:
@@ -159,7 +218,25 @@ def _parse(directory: Path, manifest: dict) -> Artifacts:
         raise ArtifactError(f"{where} names loss {loss!r}; this runtime knows {', '.join(LOSSES)}")
     if any(b.from_input and b.name != inputs[0].name for b in boundary):
         raise ArtifactError(f"{where} is corrupted: a boundary tensor marked from_input is not the data input")
-    return Artifacts(directory, manifest, inputs[0], outputs[0], label, loss, lr_multiplier, boundary)
+    return Artifacts(directory, manifest, inputs[0], outputs[0], label, loss, lr_multiplier, boundary, backend, step)
+
+
+def _required_files(backend: str, form: str) -> dict:
+    if backend == BACKEND_ONNX:
+        return STEP_FILES
+    return {**FILES, **(TWO_STAGE_FILES if form == "two_stage" else {})}
+
+
+def _check_step(where: Path, step: StepSpec) -> None:
+    """The step section names each state tensor once, every one with a known kind."""
+    names = [s.name for s in step.state]
+    if not step.parameters:
+        raise ArtifactError(f"{where} is corrupted: the step model updates no trainable parameter")
+    if len(set(names)) != len(names) or len({s.updated for s in step.state}) != len(names):
+        raise ArtifactError(f"{where} is corrupted: a state tensor of the step model is listed twice")
+    bad = [s.name for s in step.state if s.kind not in ("parameter", "optimizer")]
+    if bad:
+        raise ArtifactError(f"{where} is corrupted: state tensor {bad[0]!r} has an unknown kind")
 
 
 def _check_files(artifacts: Artifacts, verify: bool) -> None:

@@ -4,8 +4,13 @@ A run directory (default ``<artifacts>/run``) holds::
 
     state.json               the record: which checkpoint is current, its sha256, the
                              training position (epoch, batch, step, config, data)
-    checkpoint-<step>-<tag>  onnxruntime checkpoint: parameters and optimizer state
+    checkpoint-<step>-<tag>  parameters and optimizer state: an onnxruntime checkpoint
+                             (ort-training artifacts), or ``checkpoint-<step>-<tag>.npz``
+                             with every state tensor and the step count (``--backend onnx``)
     metrics.jsonl            one JSON object per event (gfcompiler.runtime.progress)
+
+What a checkpoint holds is the backend engine's business: `RunDir.save` asks the
+trainer to write it (``save_checkpoint``) and only handles names, atomicity and digests.
 
 Saving writes the new checkpoint under a fresh name (via a temporary file and
 ``os.replace``), then replaces ``state.json`` the same way, and only then deletes the
@@ -29,7 +34,7 @@ from pathlib import Path
 from gfcompiler import __version__
 from gfcompiler.errors import ArtifactError, OutputError
 from gfcompiler.manifest import sha256_file
-from gfcompiler.ort_training import api as training_api, error_message
+from gfcompiler.ort_training import error_message
 from gfcompiler.runtime.artifacts import Artifacts
 
 RECORD_NAME = "state.json"
@@ -116,19 +121,18 @@ class RunDir:
             )
         return CheckpointRecord(path, training)
 
-    def save(self, state, training: dict) -> CheckpointRecord:
-        """Save ``state`` (an onnxruntime CheckpointState) with its optimizer state, atomically."""
-        api = training_api()
+    def save(self, trainer, training: dict) -> CheckpointRecord:
+        """Save ``trainer``'s whole training state atomically (``trainer.save_checkpoint(path)`` writes it)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise OutputError(f"cannot create run directory {self.path}: {error.strerror or error}") from None
         step = int(training.get("position", {}).get("global_step", 0))
-        name = f"{CHECKPOINT_PREFIX}{step:08d}-{secrets.token_hex(3)}"
+        name = f"{CHECKPOINT_PREFIX}{step:08d}-{secrets.token_hex(3)}{getattr(trainer, 'checkpoint_suffix', '')}"
         final = self.path / name
         temporary = self.path / f".{name}.tmp"
         try:
-            api.CheckpointState.save_checkpoint(state, temporary, include_optimizer_state=True)
+            trainer.save_checkpoint(temporary)
             _fsync(temporary)
             os.replace(temporary, final)
             record = {

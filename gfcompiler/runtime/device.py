@@ -3,12 +3,17 @@
 ``--device cpu`` needs nothing. ``--device cuda`` (or ``cuda:N``) checks, in order, each
 piece CUDA training needs and names the first one missing, in one line:
 
-1. a CUDA execution provider in this onnxruntime build (``onnxruntime-training-cpu`` has
-   none; the ``onnxruntime-training`` wheel is the CUDA 11.8 / cuDNN 8 build);
+1. a CUDA execution provider in this onnxruntime build (``onnxruntime-training-cpu`` and
+   the plain ``onnxruntime`` have none; ``onnxruntime-training`` is the CUDA 11.8 /
+   cuDNN 8 build of the training package, ``onnxruntime-gpu`` the CUDA 12 build of the
+   plain one, enough for ``--backend onnx`` artifacts);
 2. an NVIDIA driver (``libcuda.so.1``) that reports a GPU;
-3. the CUDA 11 / cuDNN 8 libraries. They are preloaded with ``RTLD_GLOBAL`` in dependency
-   order from the ``nvidia-*-cu11`` wheels (the ``gfcompiler[cuda]`` extra) when those are
-   installed, else looked up on the system path, so nobody hunts for ``LD_LIBRARY_PATH``;
+3. the CUDA libraries. For the training build, the CUDA 11 / cuDNN 8 libraries are
+   preloaded with ``RTLD_GLOBAL`` in dependency order from the ``nvidia-*-cu11`` wheels
+   (the ``gfcompiler[cuda]`` extra) when those are installed, else looked up on the
+   system path, so nobody hunts for ``LD_LIBRARY_PATH``. For a plain ``onnxruntime-gpu``
+   (CUDA 12 or later), its own ``onnxruntime.preload_dlls`` loads them from the
+   ``nvidia-*`` wheels or the system path;
 4. a tiny session that actually runs on the GPU (CPU fallback disabled).
 
 ``--device auto`` runs the same checks and picks CUDA only when all pass, else CPU, and
@@ -17,10 +22,12 @@ piece CUDA training needs and names the first one missing, in one line:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import importlib.util
+import io
 import os
 
 import numpy as np
@@ -146,10 +153,24 @@ def cuda_unavailable(index: int = 0) -> CudaUnavailable | None:
 def check_cuda_provider() -> None:
     ort = onnxruntime()
     if CUDA_PROVIDER not in ort.get_available_providers():
-        raise CudaUnavailable(
-            f"no CUDA execution provider in this onnxruntime build ({_package_name(ort)})",
-            'install the CUDA build: pip uninstall -y onnxruntime-training-cpu && pip install "gfcompiler[cuda]"',
-        )
+        package = _package_name(ort)
+        if is_training_build(ort):
+            hint = 'install the CUDA build: pip uninstall -y onnxruntime-training-cpu && pip install "gfcompiler[cuda]"'
+        else:
+            installed = package.split()[0]
+            hint = f"install the CUDA build: pip uninstall -y {installed} && pip install onnxruntime-gpu"
+        raise CudaUnavailable(f"no CUDA execution provider in this onnxruntime build ({package})", hint)
+
+
+def is_training_build(ort=None) -> bool:
+    """Whether the installed onnxruntime is onnxruntime-training (CUDA 11.8 when it has CUDA)."""
+    ort = ort or onnxruntime()
+    try:
+        from onnxruntime.capi import build_and_package_info as info  # type: ignore
+
+        return str(info.package_name).startswith("onnxruntime-training")
+    except Exception:  # noqa: BLE001 - older builds lack the module: look for the training package
+        return any(os.path.isdir(os.path.join(path, "training")) for path in getattr(ort, "__path__", []))
 
 
 def _package_name(ort) -> str:
@@ -196,6 +217,27 @@ def nvidia_wheel_dirs() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def preload_cuda_libraries() -> tuple[str, ...]:
+    """Load the CUDA libraries the installed onnxruntime needs; returns what was loaded."""
+    if not is_training_build():
+        return preload_with_onnxruntime()
+    return preload_cuda11_libraries()
+
+
+def preload_with_onnxruntime() -> tuple[str, ...]:
+    """A plain onnxruntime-gpu (CUDA 12+): its own ``preload_dlls``, quietly; the probe session judges."""
+    ort = onnxruntime()
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # before onnxruntime 1.21: the libraries must be on the system path
+        return ()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot find
+            preload(directory="")  # "": the nvidia-* wheels, then the system path (never torch's copies)
+    except Exception:  # noqa: BLE001 - a missing library shows in probe_cuda_session, with onnxruntime's words
+        return ()
+    return ("onnxruntime.preload_dlls",)
+
+
+def preload_cuda11_libraries() -> tuple[str, ...]:
     """Load the CUDA 11 / cuDNN 8 libraries globally, wheels first; returns what was loaded."""
     loaded = []
     wheel_dirs = nvidia_wheel_dirs()

@@ -1,12 +1,11 @@
 """Export a plain inference model with the trained weights.
 
-onnxruntime-training's ``Module.export_model_for_inferencing`` takes the eval model,
-keeps the nodes that produce the requested outputs (the logits, not the loss, so the
-label input disappears) and writes the current parameters into it as initializers; no
-onnx package is needed. Two-stage artifacts recombine prefix and trained suffix the
-same way: their ``export_model.onnx`` is the whole forward graph with the trainable
-parameters as inputs, which a second Module (on a copy of the current parameters, so
-the training module's state is never touched) takes as its eval model and exports.
+The backend engine writes the model (gfcompiler.runtime.engine): for ort-training
+artifacts onnxruntime-training's ``Module.export_model_for_inferencing`` keeps the eval
+model's (or, two-stage, ``export_model.onnx``'s) nodes that produce the model output and
+writes the current parameters in as initializers; for ``--backend onnx`` artifacts the
+parameters are appended to ``export_model.onnx`` as serialized initializers
+(gfcompiler.runtime.protowire). Neither needs the onnx package.
 The model is written to a temporary file beside the target,
 loaded by a plain ``InferenceSession`` on CPU, checked to take only the data input and
 to reproduce the runtime's eval outputs on a fixed batch, and only then moved into place
@@ -17,13 +16,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, OutputError, TrainingError
-from gfcompiler.ort_training import api as training_api, error_message, onnxruntime
+from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.trainer import numpy_loss
 
 RTOL = 1e-4
@@ -60,20 +58,7 @@ def export_inference_model(trainer, path: str | Path, *, overwrite: bool = False
 
 def write_inference_model(trainer, path: Path) -> None:
     """Write ``trainer``'s whole model with its current weights to ``path`` (no checks; onnxruntime errors pass)."""
-    artifacts, outputs = trainer.artifacts, [trainer.artifacts.output.name]
-    if not artifacts.two_stage:
-        trainer.module.export_model_for_inferencing(path, outputs)
-        return
-    api = training_api()
-    with tempfile.TemporaryDirectory(prefix="gfc-export-") as scratch:
-        checkpoint = Path(scratch) / "checkpoint"
-        api.CheckpointState.save_checkpoint(trainer.state, checkpoint)
-        state = api.CheckpointState.load_checkpoint(checkpoint)
-        options = onnxruntime().SessionOptions()
-        options.log_severity_level = 3
-        module = api.Module(artifacts.path("training_model"), state, artifacts.path("export_model"), device="cpu",
-                            session_options=options)
-        module.export_model_for_inferencing(path, outputs)
+    trainer.engine.write_inference_model(Path(path))
 
 
 def probe_batch(trainer) -> tuple[np.ndarray, np.ndarray]:

@@ -216,7 +216,7 @@ class _Run:
         if self.run_dir is not None:
             training = {"config": self.config.to_dict(), "position": at.to_dict(),
                         "data": {"source": self.train.source, "samples": len(self.train), "fingerprint": self.fingerprint}}
-            self.checkpoint = self.run_dir.save(self.trainer.state, training)
+            self.checkpoint = self.run_dir.save(self.trainer, training)
 
     def epoch_done(self, record: dict, position: Position) -> None:
         self.save(position)

@@ -7,12 +7,14 @@
     trainer.evaluate(dataset)          # {"loss", "accuracy", "samples"}
     trainer.export("finetuned.onnx")   # plain inference model, verified
 
-It wraps onnxruntime-training's Module / Optimizer / CheckpointState (through
-gfcompiler.ort_training, so neither torch nor onnx is imported) and adds what they
-leave to the caller: for two-stage artifacts, the frozen prefix model run before the
-training module (gfcompiler.runtime.prefix), the manifest's learning-rate multiplier,
-non-finite loss detection, labels for the eval model, and errors a user can act on. Epochs, schedules
-and checkpoints are gfcompiler.runtime.loop's job.
+The training state and the sessions belong to a backend engine
+(gfcompiler.runtime.engine): onnxruntime-training's Module / Optimizer for
+``ort-training`` artifacts, one plain ONNX step model for ``--backend onnx`` ones. The
+Trainer adds what both leave to the caller: for two-stage artifacts, the frozen prefix
+model run before the training module (gfcompiler.runtime.prefix), the manifest's
+learning-rate multiplier, non-finite loss detection, labels for the eval model, and
+errors a user can act on. Epochs, schedules and checkpoints are
+gfcompiler.runtime.loop's job.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, InputError, TrainingError
+from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime import device as devices
-from gfcompiler.ort_training import api as training_api, error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
+from gfcompiler.runtime.engine import create_engine
 from gfcompiler.runtime.prefix import FrozenPrefix
 
 
@@ -48,8 +51,9 @@ class StepResult:
 class Trainer:
     """Train, evaluate and export the model of an artifact directory.
 
-    ``checkpoint``: an onnxruntime checkpoint to start from (default: the compiled
-    initial one). ``lr``: the learning rate ``step`` uses unless given one.
+    ``checkpoint``: a checkpoint to start from (an onnxruntime checkpoint or, for
+    ``--backend onnx`` artifacts, a state .npz; default: the compiled initial one).
+    ``lr``: the learning rate ``step`` uses unless given one.
     ``memory_arena=False`` turns onnxruntime's CPU arena off (for memory measurements).
     """
 
@@ -68,78 +72,45 @@ class Trainer:
         self.device = device if isinstance(device, devices.Device) else devices.select_device(device)
         self.threads = threads
         self.lr = lr
-        self.checkpoint_path = Path(checkpoint) if checkpoint is not None else self.artifacts.path("checkpoint")
         self.steps_taken = 0
-        self._api = training_api()
-        self.state = self._load_state()
         spinning = session_spinning(self.artifacts.two_stage)
         self._options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
         # The prefix gets options of its own: FrozenPrefix raises their optimization level.
         self._prefix_options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
-        self.module, self.optimizer = self._create_sessions()
+        self.engine = create_engine(self.artifacts, self.device, self._options,
+                                    Path(checkpoint) if checkpoint is not None else None)
         self.prefix = self._create_prefix()
         self._applied_lr: float | None = None
         self._inference: tuple[int, object] | None = None
-        self._train_io = self._io_positions(training=True)
-        self._eval_io = self._io_positions(training=False)
 
     # ------------------------------------------------------------ set-up
-
-    def _load_state(self):
-        try:
-            state = self._api.CheckpointState.load_checkpoint(self.checkpoint_path)
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
-            raise ArtifactError(
-                f"cannot load checkpoint {self.checkpoint_path}: corrupted or not an onnxruntime "
-                f"checkpoint ({error_message(error)})"
-            ) from None
-        names = {name for name, _ in state.parameters}
-        missing = [name for name in self.artifacts.trainable_params if name not in names]
-        if missing:
-            raise ArtifactError(
-                f"checkpoint {self.checkpoint_path} lacks trainable parameter(s) {', '.join(missing[:3])} "
-                "listed in manifest.json: it belongs to another model"
-            )
-        return state
-
-    def _create_sessions(self):
-        a = self.artifacts
-        try:
-            module = self._api.Module(
-                a.path("training_model"),
-                self.state,
-                a.path("eval_model"),
-                device=self.device.ort_device,
-                session_options=self._options,
-            )
-            optimizer = self._api.Optimizer(a.path("optimizer_model"), module)
-        except Exception as error:  # noqa: BLE001
-            message = error_message(error)
-            if self.device.kind == "cuda":
-                raise TrainingError(f"cannot start training on {self.device.ort_device}: {message}") from None
-            raise ArtifactError(f"onnxruntime cannot load the artifacts in {a.directory}: {message}") from None
-        return module, optimizer
 
     def _create_prefix(self) -> FrozenPrefix | None:
         a = self.artifacts
         return FrozenPrefix.from_manifest(a.directory, a.manifest, self.device, self._prefix_options) if a.two_stage else None
 
-    def _io_positions(self, training: bool) -> tuple[list[str], int, int | None]:
-        """(input order, loss output index, model output index or None) of one session."""
-        self.module.train(training)
-        inputs = list(self.module.input_names())
-        outputs = list(self.module.output_names())
-        self.module.train(True)
-        expected = {*self.artifacts.training_inputs, self.artifacts.label.name}
-        if set(inputs) != expected:
-            kind = "training" if training else "eval"
-            raise ArtifactError(
-                f"the {kind} model takes inputs {inputs}, manifest.json says {sorted(expected)}: recompile the model"
-            )
-        model_output = self.artifacts.output.name
-        output_index = outputs.index(model_output) if model_output in outputs else None
-        loss_index = next(i for i, name in enumerate(outputs) if name != model_output)
-        return inputs, loss_index, output_index
+    @property
+    def backend(self) -> str:
+        return self.artifacts.backend
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The checkpoint this trainer started from."""
+        return self.engine.checkpoint_path
+
+    # onnxruntime-training's objects, for code that reaches into the ort-training backend
+    # (AttributeError for --backend onnx artifacts, which have none).
+    @property
+    def module(self):
+        return self.engine.module
+
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
+
+    @property
+    def state(self):
+        return self.engine.state
 
     # ------------------------------------------------------------ training
 
@@ -150,7 +121,7 @@ class Trainer:
     def set_lr(self, lr: float) -> None:
         """Set the user learning rate (the optimizer gets ``lr * lr_multiplier``)."""
         if lr != self._applied_lr:
-            self.optimizer.set_learning_rate(float(lr) * self.lr_multiplier)
+            self.engine.set_learning_rate(float(lr) * self.lr_multiplier)
             self._applied_lr = lr
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
@@ -160,29 +131,19 @@ class Trainer:
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> StepResult:
         """Forward, backward and optimizer step; NonFiniteLoss (no update) on a NaN/Inf loss."""
         self.set_lr(self.lr if lr is None else lr)
-        names, loss_index, output_index = self._train_io
-        fetches = self._run(names, x, y, training=True)
-        loss = float(fetches[loss_index])
+        loss, outputs = self.engine.train(self._feeds(x, y))
         if not math.isfinite(loss):
-            self.module.lazy_reset_grad()
+            self.engine.discard()
             raise NonFiniteLoss(loss)
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
+        self.engine.apply()
         self.steps_taken += 1
-        return StepResult(loss, fetches[output_index] if output_index is not None else None)
+        return StepResult(loss, outputs)
 
-    def _run(self, names: list[str], x: np.ndarray, y: np.ndarray, training: bool) -> tuple[np.ndarray, ...]:
+    def _feeds(self, x: np.ndarray, y: np.ndarray) -> dict:
+        """The training and eval models' inputs for a batch, checked."""
         feeds = self._stage_inputs(self._check_x(x))
         feeds[self.artifacts.label.name] = self._check_y(y, len(x))
-        self.module.train(training)
-        try:
-            fetches = self.module(*(feeds[name] for name in names))
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors
-            kind = "training" if training else "eval"
-            raise TrainingError(f"the {kind} step failed on {self.device.ort_device}: {error_message(error)}") from None
-        finally:
-            self.module.train(True)
-        return fetches if isinstance(fetches, tuple) else (fetches,)
+        return feeds
 
     def _stage_inputs(self, x: np.ndarray) -> dict:
         """The training module's data inputs: ``x``, or the prefix's boundary tensors (and ``x`` if it crosses)."""
@@ -219,16 +180,14 @@ class Trainer:
 
     def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """(loss, model output) of the eval model on one batch; no parameter changes."""
-        names, loss_index, output_index = self._eval_io
-        fetches = self._run(names, x, y, training=False)
-        outputs = fetches[output_index] if output_index is not None else self._inference_outputs(x)
-        return float(fetches[loss_index]), outputs
+        loss, outputs = self.engine.evaluate(self._feeds(x, y))
+        return loss, (outputs if outputs is not None else self._inference_outputs(x))
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The model output (logits) for ``x``; labels are not needed."""
         parts = []
         for chunk, count in self._chunks(np.asarray(x), batch_size):
-            if self._eval_io[2] is None:
+            if not self.engine.eval_has_outputs:
                 outputs = self._inference_outputs(chunk)
             else:
                 outputs = self.eval_batch(chunk, self._dummy_labels(len(chunk)))[1]
@@ -300,8 +259,16 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """Copies of every parameter in the checkpoint state (trainable and frozen)."""
-        return {name: np.array(parameter.data) for name, parameter in self.state.parameters}
+        """Copies of the parameters in the training state (ort-training: trainable and frozen)."""
+        return self.engine.parameters()
+
+    @property
+    def checkpoint_suffix(self) -> str:
+        return self.engine.checkpoint_suffix
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """The whole training state (parameters, optimizer state) at ``path``; no atomicity (see RunDir)."""
+        self.engine.save_checkpoint(Path(path))
 
     def export(self, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
         """Write a plain inference model with the current weights; see gfcompiler.runtime.export."""
@@ -322,7 +289,7 @@ def session_spinning(two_stage: bool) -> bool:
     A two-stage step runs three sessions back to back (prefix, training, optimizer): the
     idle threads of one spin on the cores the next needs, and turning spinning off made
     resnet18's step 11% faster on 2 cores. A single-graph step (training, optimizer)
-    was 3% faster with spinning on.
+    was 3% faster with spinning on; a ``--backend onnx`` step is one session.
     """
     return not two_stage
 
