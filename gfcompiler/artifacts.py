@@ -58,7 +58,13 @@ class OptimizerSpec:
             return 1.0 / (1.0 - self.momentum)
         return 1.0
 
-    def to_manifest(self) -> dict:
+    def to_manifest(self, backend: str = "ort-training") -> dict:
+        if backend == "onnx":  # the step model computes torch.optim's update itself (gfcompiler.onnx_step.optimizers)
+            record = {"name": self.name, "weight_decay": self.effective_weight_decay, "lr_multiplier": 1.0}
+            if self.name == "sgd":
+                record["momentum"] = self.momentum
+            record["implementation"] = f"standard ONNX ops in the step model, torch.optim.{'AdamW' if self.name == 'adamw' else 'SGD'} numerics"
+            return record
         record = {"name": self.name, "weight_decay": self.effective_weight_decay, "lr_multiplier": self.lr_multiplier}
         if self.name == "sgd":
             record["momentum"] = self.momentum

@@ -48,6 +48,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         force_forward_pooling=not args.no_forward_pooling,
         keep_softmax=args.keep_softmax,
         single_graph=args.single_graph,
+        backend=args.backend,
     )
     manifest = compile_model(args.model, args.output, options, progress=(lambda _: None) if args.quiet else _stage)
     if not args.quiet:
@@ -83,6 +84,9 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("--weight-decay", type=float, default=None, help="default 0.01 for adamw (decoupled), 0 for sgd (coupled)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
                         help="fix an input's shape (N may stay dynamic: N or ?); repeatable")
+    parser.add_argument("--backend", choices=["onnx", "ort-training"], default="ort-training",
+                        help="onnx: one standard-ONNX training step that plain onnxruntime (>= 1.20, any platform) "
+                             "runs; ort-training: onnxruntime-training 1.19.2 artifacts (x86-64, Python <= 3.12)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--single-graph", action="store_true",
                         help="keep the whole forward in the training graph; by default the frozen layers before the "

@@ -23,16 +23,17 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 import gfcompiler
-from gfcompiler import artifacts, memory, outdir, split
+from gfcompiler import artifacts, loading, memory, outdir, split
 from gfcompiler.errors import InputError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
 from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model, measure_unknown_conv_inputs
-from gfcompiler.manifest import FILES, TWO_STAGE_FILES, sha256_file, write_manifest
+from gfcompiler.manifest import BACKENDS, FILES, STEP_FILES, TWO_STAGE_FILES, sha256_file, write_manifest
 from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
@@ -57,6 +58,8 @@ class CompileOptions:
     preprocess: dict | None = None
     keep_softmax: bool = False  # cross_entropy: keep an output Softmax instead of training on its input
     single_graph: bool = False  # True: no frozen prefix model, the whole forward in the training graph
+    backend: str = "ort-training"  # or "onnx": one standard-ONNX step model for stock onnxruntime
+    gradient_outputs: bool = False  # onnx backend: the step model also outputs <param>.grad (verification)
 
 
 def _silent(_: str) -> None:
@@ -123,11 +126,15 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
     ``output_dir`` unless the whole compilation succeeded.
     """
     options = options or CompileOptions()
+    if options.backend not in BACKENDS:
+        raise InputError(f"unknown backend {options.backend!r} (choose from {', '.join(BACKENDS)})")
     model_path, output_dir = Path(model_path), Path(output_dir)
     outdir.check_writable_target(output_dir, options.force)
     model, selection = prepare_model(model_path, options, progress)
     shapes, geometries = _layer_geometries(selection, options.patch)
     _check_patch(options.patch, selection, shapes)
+    if options.backend == "onnx":
+        return _compile_step_model(model_path, output_dir, model, selection, shapes, geometries, options, progress)
     form = _Form.choose(model, selection, options)
     with outdir.staging_directory(output_dir, force=options.force) as staging:
         training_source = ir.to_proto(model)
@@ -144,7 +151,9 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
                                              selection.trainable_params)
         progress("checking the artifacts load in onnxruntime")
         outdir.check_loadable(staging)
-        manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, form, staging)
+        files = {**FILES, **(TWO_STAGE_FILES if form.split is not None else {})}
+        manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, files,
+                             form.to_manifest(), staging)
         write_manifest(staging, manifest)
     progress(f"wrote {output_dir}")
     return manifest
@@ -269,30 +278,28 @@ def _layer_record(conv: ir.Node, selection: Selection, shape: ConvShape | str, g
 
 
 def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: dict, geometries: dict,
-              accounting: _Accounting, options: CompileOptions, form: _Form, staging: Path) -> dict:
+              accounting: _Accounting, options: CompileOptions, files: dict, form: dict, staging: Path) -> dict:
     layers = [
         _layer_record(conv, selection, shapes[conv.name], geometries.get(conv.name), accounting, options.patch)
         for conv in selection.convs
     ]
-    eval_inputs = outdir.session_io(staging / FILES["eval_model"])
-    data_names = {value.name for value in data_inputs(model)}
-    if form.split is not None:
-        data_names |= {tensor.name for tensor in form.split.boundary}
-    files = {**FILES, **(TWO_STAGE_FILES if form.split is not None else {})}
+    eval_inputs = outdir.session_io(staging / files["eval_model"])
+    data_names = {value.name for value in data_inputs(model)} | {tensor["name"] for tensor in form.get("boundary", [])}
     label = [io for io in eval_inputs["inputs"] if io["name"] not in data_names and io["name"] not in selection.trainable_params]
     trained = [layer for layer in layers if layer["trained"]]
     return {
         "format": gfcompiler.ARTIFACT_FORMAT,
+        "backend": options.backend,
         "gfcompiler_version": gfcompiler.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_model": {"path": str(model_path), "sha256": sha256_file(model_path)},
         "files": files,
-        **form.to_manifest(),
+        **form,
         "inputs": [_io_record(value) for value in data_inputs(model)],
         "outputs": [_io_record(value) for value in model.graph.outputs],
         "label": label[0] if label else None,
         "loss": options.loss,
-        "optimizer": options.optimizer.to_manifest(),
+        "optimizer": options.optimizer.to_manifest(options.backend),
         "patch": options.patch,
         "selection": {"rule": selection.rule, "trained_convs": [c.name for c in selection.trained_convs]},
         "trainable_params": list(selection.trainable_params),
@@ -319,3 +326,43 @@ def _io_record(value: ir.Value) -> dict:
     shape = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
     dtype = value.dtype.name.lower() if value.dtype is not None else None
     return {"name": value.name, "shape": shape, "dtype": "float32" if dtype == "float" else dtype}
+
+
+def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, selection: Selection, shapes: dict,
+                        geometries: dict[str, FilterGeometry], options: CompileOptions, progress: Progress) -> dict:
+    """Stages 4–6 for ``--backend onnx``: step, eval and export models for stock onnxruntime."""
+    from gfcompiler.onnx_step import step_model
+
+    trainable = list(selection.trainable_params)
+    with outdir.staging_directory(output_dir, force=options.force) as staging:
+        progress(f"building the training step in standard ONNX ({selection.rule}; {len(trainable)} trainable tensors)")
+        built = step_model.build_step_model(model, selection, geometries, options.loss, options.optimizer,
+                                            force_forward_pooling=options.force_forward_pooling,
+                                            gradient_outputs=options.gradient_outputs)
+        batch, known = _accounting_batch(model), _known_shapes(model)
+        emitted = memory.held_for_backward(built.model.graph, built.layer_nodes, batch, known)
+        exact = emitted
+        if geometries:  # the same step with every conv's exact backward, for the held-bytes comparison
+            exact_step = step_model.build_step_model(model, selection, {}, options.loss, options.optimizer)
+            exact = memory.held_for_backward(exact_step.model.graph, exact_step.layer_nodes, batch, known)
+        files = STEP_FILES
+        models = {
+            "step_model": built.model,
+            "eval_model": step_model.build_eval_model(model, trainable, options.loss),
+            "export_model": step_model.build_export_model(model, trainable),
+        }
+        for key, built_model in models.items():
+            built_model.ir_version = min(built_model.ir_version, loading.MAX_IR_VERSION)
+            ir.save(built_model, os.fspath(staging / files[key]))
+        np.savez(staging / files["state"], **built.initial_state)
+        progress("checking the step and eval models load in onnxruntime")
+        outdir.check_models_loadable(staging, [files["step_model"], files["eval_model"]])
+        accounting = _Accounting(batch, exact, emitted, built.needs_input_grad)
+        form = {"form": "step_model", "step": {
+            "learning_rate": step_model.LEARNING_RATE, "step": step_model.STEP, "loss": "loss",
+            "output": model.graph.outputs[0].name, "state": [entry.to_manifest() for entry in built.state]}}
+        manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, dict(files),
+                             form, staging)
+        write_manifest(staging, manifest)
+    progress(f"wrote {output_dir}")
+    return manifest

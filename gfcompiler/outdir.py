@@ -147,3 +147,25 @@ def check_loadable(directory: Path) -> None:
             ) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ArtifactError(f"internal error: onnxruntime refuses the generated artifacts: {first[-400:]}") from None
+
+
+def check_models_loadable(directory: Path, names: list[str]) -> None:
+    """Open plain ONNX models in an onnxruntime InferenceSession: we never emit what ORT refuses."""
+    from gfcompiler.ort_training import onnxruntime
+
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for name in names:
+        try:
+            ort.InferenceSession(os.fspath(directory / name), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']+)'", str(error))
+            if missing:
+                kernel, node = missing.groups()
+                raise UnsupportedModelError(
+                    f"onnxruntime has no CPU kernel for {kernel} (node {node}), needed to train through that op; "
+                    "train fewer layers (--layers) so it stays frozen"
+                ) from None
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ArtifactError(f"internal error: onnxruntime refuses the generated {name}: {first[-400:]}") from None

@@ -1,0 +1,227 @@
+"""Assemble the standard-ONNX training artifacts: step, eval and export models.
+
+From the canonical forward model and its layer selection (`gfcompiler.selection`):
+
+* **step model** — one training step as a plain ONNX model. The trainable parameters
+  and the optimizer state become graph inputs; ``learning_rate`` and ``step`` (the
+  1-based step index) are scalar inputs. Frozen layers stay initializers, so
+  onnxruntime optimizes them as in inference. The forward is followed by the loss
+  (`losses`), the reverse pass (`autodiff` with `grad_rules`; trained convs get the
+  gradient filter of `gfcompiler.passes.filter_ops` or the exact `conv_backward`),
+  and the optimizer update (`optimizers`). Outputs: ``loss``, the model output, and
+  the updated value of every state tensor (``<name>.updated``).
+* **eval model** — forward and loss, the trainable parameters as inputs.
+* **export model** — the forward with the trainable parameters removed; the runtime
+  appends the trained values as initializers (`gfcompiler.runtime`).
+
+Filtered convs compute their forward summaries (``X_sum``, ``W_sum``) next to the
+conv, and the conv's bias gains a zero-valued data dependency on ``X_sum`` (as in
+`gfcompiler.passes.gradient_filter`): onnxruntime then pools in the forward pass and
+frees the full-resolution input right after the conv instead of keeping it for the
+backward. The dependency is added after differentiation, so no gradient flows
+through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from gfcompiler.artifacts import OptimizerSpec
+from gfcompiler.geometry import FilterGeometry
+from gfcompiler.onnx_step import autodiff, conv_rules, optimizers
+from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.onnx_step.grad_rules import RULES
+from gfcompiler.onnx_step.losses import build_loss
+from gfcompiler.passes import filter_ops
+from gfcompiler.passes.gradient_filter import GradientFilterPass
+from gfcompiler.selection import Selection
+
+LEARNING_RATE = "learning_rate"
+STEP = "step"
+UPDATED_SUFFIX = ".updated"
+GRAD_SUFFIX = ".grad"
+
+
+@dataclasses.dataclass(frozen=True)
+class StateEntry:
+    """One tensor carried from step to step: a trainable parameter or an optimizer slot."""
+
+    name: str
+    kind: str  # "parameter" | "optimizer"
+    param: str
+
+    @property
+    def updated(self) -> str:
+        return f"{self.name}{UPDATED_SUFFIX}"
+
+    def to_manifest(self) -> dict:
+        return {"name": self.name, "updated": self.updated, "kind": self.kind, "param": self.param}
+
+
+@dataclasses.dataclass
+class StepModel:
+    """A built step model and what the compiler reports about it."""
+
+    model: ir.Model
+    state: list[StateEntry]  # in graph input order
+    initial_state: dict[str, np.ndarray]
+    layer_nodes: dict[str, set[ir.Node]]  # per trained conv: its backward (and forward summary) nodes
+    needs_input_grad: dict[str, bool]  # per trained conv: whether its backward computes dX
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _parameters_to_inputs(graph: ir.Graph, names: list[str]) -> dict[str, np.ndarray]:
+    """Turn the named initializers into graph inputs (in ``names`` order); returns their values."""
+    values = {}
+    for name in names:
+        value = graph.initializers.pop(name)
+        values[name] = value.const_value.numpy().copy()
+        value.const_value = None
+        graph.inputs.append(value)
+    return values
+
+
+def _keep_outputs(model: ir.Model, outputs: list[ir.Value]) -> None:
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(outputs)
+    common_passes.RemoveUnusedNodesPass()(model)
+
+
+def _graph_names(graph: ir.Graph) -> set[str]:
+    names = {node.name for node in graph if node.name}
+    names |= {value.name for node in graph for value in node.outputs if value.name}
+    names |= {value.name for value in graph.inputs} | set(graph.initializers)
+    return names
+
+
+def _scalar_input(name: str) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
+
+
+def _model_output(model: ir.Model) -> ir.Value:
+    return model.graph.outputs[0]
+
+
+def build_export_model(model: ir.Model, trainable: list[str]) -> ir.Model:
+    """The forward with ``trainable`` initializers removed (the runtime appends trained values)."""
+    export = _copy(model)
+    _keep_outputs(export, [_model_output(export)])
+    for name in trainable:
+        export.graph.initializers.pop(name)
+    return export
+
+
+def build_eval_model(model: ir.Model, trainable: list[str], loss: str) -> ir.Model:
+    """Forward and loss; inputs: data, the trainable parameters, the labels."""
+    evaluation = _copy(model)
+    graph = evaluation.graph
+    output = _model_output(evaluation)
+    _parameters_to_inputs(graph, trainable)
+    tape = ir.tape.Tape()
+    built = build_loss(Emitter(tape, "loss", _graph_names(graph), phase="forward"), loss, output, with_gradient=False)
+    _append(graph, tape)
+    graph.inputs.append(built.label)
+    built.loss.name = "loss"
+    _keep_outputs(evaluation, [built.loss, output])
+    return evaluation
+
+
+def _append(graph: ir.Graph, tape: ir.tape.Tape) -> None:
+    for initializer in tape.initializers:
+        graph.register_initializer(initializer)
+    graph.extend(tape.nodes)
+
+
+def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str, FilterGeometry], loss: str,
+                     optimizer: OptimizerSpec, *, force_forward_pooling: bool = True,
+                     gradient_outputs: bool = False) -> StepModel:
+    """The step model of the module docstring for ``selection``; ``geometries``: the filtered convs.
+
+    ``gradient_outputs`` adds each parameter's gradient as an output ``<param>.grad``
+    (for verification; the runtime does not read them).
+    """
+    step = _copy(model)
+    graph = step.graph
+    trainable = list(selection.trainable_params)
+    output = _model_output(step)
+    convs = {node.name: node for node in graph if node.name in {c.name for c in selection.trained_convs}}
+    names = _graph_names(graph)
+
+    initial = _parameters_to_inputs(graph, trainable)
+    params = {name: next(v for v in graph.inputs if v.name == name) for name in trainable}
+
+    # Forward summaries of filtered convs, inserted right before each conv.
+    summaries: dict[str, tuple[ir.Value, ir.Value, list[ir.Node]]] = {}
+    for name, geometry in geometries.items():
+        conv = convs[name]
+        tape = ir.tape.Tape()
+        x_sum, w_sum = filter_ops.build_forward_summaries(tape, conv.inputs[0], conv.inputs[1], geometry, f"{name}/gf")
+        for initializer in tape.initializers:
+            graph.register_initializer(initializer)
+        graph.insert_before(conv, list(tape.nodes))
+        summaries[name] = (x_sum, w_sum, list(tape.nodes))
+
+    tape = ir.tape.Tape()
+    loss_graph = build_loss(Emitter(tape, "loss", names, phase="forward"), loss, output, with_gradient=True)
+    backward = Emitter(tape, "", names, phase="backward")
+    overrides = {convs[name]: conv_rules.filtered_conv_rule(x_sum, w_sum, geometries[name])
+                 for name, (x_sum, w_sum, _) in summaries.items()}
+    gradients = autodiff.differentiate(graph, {output: loss_graph.output_grad}, list(params.values()), backward,
+                                       {**RULES, **conv_rules.RULES}, overrides)
+
+    slots = optimizers.state_slots(optimizer, trainable)
+    state_inputs = {slot.name: ir.Value(name=slot.name, type=ir.TensorType(ir.DataType.FLOAT),
+                                        shape=ir.Shape(list(initial[slot.param].shape))) for slot in slots}
+    lr, step_index = _scalar_input(LEARNING_RATE), _scalar_input(STEP)
+    updated_params, updated_state = optimizers.build_update(
+        Emitter(tape, "", names, phase="optimizer"), optimizer, params,
+        {name: gradients.of[value] for name, value in params.items()}, state_inputs, lr, step_index)
+    _append(graph, tape)
+
+    if force_forward_pooling:
+        for name, (x_sum, _, _) in summaries.items():
+            anchor = ir.tape.Tape()
+            GradientFilterPass._add_forward_dependency(anchor, convs[name], x_sum, geometries[name], f"{name}/gf")
+            for initializer in anchor.initializers:
+                graph.register_initializer(initializer)
+            graph.insert_before(convs[name], list(anchor.nodes))
+
+    state = [StateEntry(name, "parameter", name) for name in trainable]
+    state += [StateEntry(slot.name, "optimizer", slot.param) for slot in slots]
+    initial.update({slot.name: np.zeros_like(initial[slot.param]) for slot in slots})
+    graph.inputs.extend([loss_graph.label, lr, step_index, *state_inputs.values()])
+    updates = []
+    for entry in state:
+        value = updated_params[entry.name] if entry.kind == "parameter" else updated_state[entry.name]
+        if value.is_graph_input() or value.is_graph_output() or value.is_initializer():
+            identity = ir.node("Identity", [value], name=f"{entry.updated}/identity")
+            graph.append(identity)
+            value = identity.outputs[0]
+        value.name = entry.updated
+        updates.append(value)
+    loss_graph.loss.name = "loss"
+    extra = []
+    if gradient_outputs:
+        for name, value in params.items():
+            identity = ir.node("Identity", [gradients.of[value]], name=f"{name}.grad/identity")
+            graph.append(identity)
+            identity.outputs[0].name = f"{name}{GRAD_SUFFIX}"
+            extra.append(identity.outputs[0])
+    _keep_outputs(step, [loss_graph.loss, output, *updates, *extra])
+
+    layer_nodes = {}
+    by_forward = gradients.backward_nodes
+    for name, conv in convs.items():
+        nodes = set(by_forward.get(conv, []))
+        if name in summaries:
+            nodes |= set(summaries[name][2])
+        layer_nodes[name] = nodes
+    needs_input_grad = {name: gradients.needs.get(conv, [False])[0] for name, conv in convs.items()}
+    return StepModel(step, state, initial, layer_nodes, needs_input_grad)
