@@ -64,11 +64,12 @@ class OnnxStepEngine:
         self.step_session = self._session("step_model", options)
         self.eval_session = self._session("eval_model", options)
         self._train_output, self._eval_output = self._check_interfaces()
+        self._lr_dtype, self._step_dtype = (self._input_dtype(name) for name in (self.spec.learning_rate, self.spec.step))
         self.checkpoint_path = Path(checkpoint) if checkpoint is not None else artifacts.path("state")
         arrays, self.steps_taken = read_state(self.checkpoint_path, self._state_types())
         self.values = {name: self._to_device(array) for name, array in arrays.items()}
         self._pending: dict | None = None
-        self._lr = np.array(0.0, np.float32)
+        self._lr = np.array(0.0, self._lr_dtype)
 
     # ------------------------------------------------------------ set-up
 
@@ -103,6 +104,11 @@ class OnnxStepEngine:
                 types[arg.name] = (dtype, [d if isinstance(d, int) else None for d in arg.shape])
         return types
 
+    def _input_dtype(self, name: str) -> np.dtype:
+        """The numpy dtype of a step-model input (float32 as the manifest schema says, unless declared otherwise)."""
+        arg = next(arg for arg in self.step_session.get_inputs() if arg.name == name)
+        return np.dtype(_ORT_TYPES.get(arg.type, np.float32))
+
     def _to_device(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.array(array), self._device_type, self.device.index)
 
@@ -113,7 +119,7 @@ class OnnxStepEngine:
         return self._eval_output
 
     def set_learning_rate(self, lr: float) -> None:
-        self._lr = np.array(lr, np.float32)
+        self._lr = np.array(lr, self._lr_dtype)
 
     def train(self, feeds: dict) -> tuple[float, np.ndarray | None]:
         """Run step ``steps_taken + 1``; its new state waits for `apply` (or `discard`)."""
@@ -121,7 +127,7 @@ class OnnxStepEngine:
         binding = self.step_session.io_binding()
         _bind_feeds(binding, feeds)
         binding.bind_cpu_input(spec.learning_rate, self._lr)
-        binding.bind_cpu_input(spec.step, np.array(self.steps_taken + 1, np.float32))
+        binding.bind_cpu_input(spec.step, np.array(self.steps_taken + 1, self._step_dtype))
         for state in spec.state:
             binding.bind_ortvalue_input(state.name, self.values[state.name])
         fetched = [spec.loss, *([spec.output] if self._train_output else [])]
@@ -212,7 +218,7 @@ def _bind_feeds(binding, feeds: dict) -> None:
 
 
 def _loss_and_output(outputs: list, with_output: bool) -> tuple[float, np.ndarray | None]:
-    loss = float(outputs[0].numpy())
+    loss = float(np.asarray(outputs[0].numpy()).reshape(-1)[0])
     return loss, (np.array(outputs[1].numpy()) if with_output else None)
 
 
