@@ -39,10 +39,11 @@ _rng = np.random.default_rng(1234)
 
 @dataclasses.dataclass
 class Data:
-    """A graph input; differentiated when float. ``dynamic``: its first axis is symbolic (N, or that name)."""
+    """A graph input; differentiated when float. ``dynamic``: its first axis is symbolic (N, or that
+    name), or a tuple of names for its leading axes."""
 
     array: np.ndarray
-    dynamic: bool | str = False
+    dynamic: bool | str | tuple = False
     grad: bool = True
 
     def __post_init__(self):
@@ -93,7 +94,9 @@ class Case:
 def _graph_input(name: str, spec: Data) -> ir.Value:
     shape = list(spec.array.shape)
     if spec.dynamic:
-        shape[0] = spec.dynamic if isinstance(spec.dynamic, str) else "N"
+        names = spec.dynamic if isinstance(spec.dynamic, tuple) else (
+            spec.dynamic if isinstance(spec.dynamic, str) else "N",)
+        shape[: len(names)] = names
     return ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(spec.array.dtype)), shape=ir.Shape(shape))
 
 
@@ -335,6 +338,8 @@ case("LogSoftmax-last", "LogSoftmax", [rand(3, 5, lo=-2, hi=2)], lambda x: torch
 # shape ops
 case("Reshape", "Reshape", [rand(2, 3, 4), const([4, 6])], lambda x, s: x.reshape(4, 6))
 case("Reshape-dynamic", "Reshape", [rand(2, 3, 4, dynamic=True), const([-1, 12])], lambda x, s: x.reshape(-1, 12))
+case("Reshape-two-unknown", "Reshape", [rand(2, 3, 4, dynamic=("N", "T")), const([-1, 4])],
+     lambda x, s: x.reshape(-1, 4))
 case("Flatten", "Flatten", [rand(2, 3, 2, 2, dynamic=True)], lambda x: x.flatten(1), attrs={"axis": 1})
 case("Squeeze", "Squeeze", [rand(2, 3, 1, 1, dynamic=True), const([2, 3])], lambda x, a: x.squeeze(3).squeeze(2))
 case("Unsqueeze", "Unsqueeze", [rand(2, 3), const([0, 3])], lambda x, a: x[None, :, :, None])
@@ -364,6 +369,8 @@ case("Slice-batch-tail", "Slice", [rand(4, 3, dynamic=True), const([1]), const([
 case("Gather-dup", "Gather", [rand(3, 5, 2), const([4, 0, -1, 2])], lambda x, i: x[:, [4, 0, 4, 2]],
      attrs={"axis": 1})
 case("Gather-scalar", "Gather", [rand(3, 5, dynamic=True), const(2)], lambda x, i: x[:, 2], attrs={"axis": 1})
+case("Gather-two-unknown", "Gather", [rand(2, 3, 5, dynamic=("N", "T")), const([1, 1, 3])],
+     lambda x, i: x[:, :, [1, 1, 3]], attrs={"axis": 2})
 case("Gather-2d-index", "Gather", [rand(5, 3), const([[0, 1], [1, 4]])], lambda x, i: x[i], attrs={"axis": 0})
 case("Expand", "Expand", [rand(3, 1), const([2, 3, 4])], lambda x, s: x.expand(2, 3, 4))
 case("Pad", "Pad", [rand(2, 3, 4), const([0, 1, 2, 0, 0, 1])], lambda x, p: F.pad(x, (2, 1, 1, 0)))
@@ -401,6 +408,17 @@ case("MaxPool-rect-pad", "MaxPool", [ints_data(2, 2, 5, 8)], lambda x: F.max_poo
      attrs={"kernel_shape": [3, 2], "strides": [1, 2], "pads": [1, 0, 1, 0]})
 case("MaxPool-with-indices", "MaxPool", [rand(2, 3, 6, 6)], lambda x: F.max_pool2d(x, 3, 1),
      attrs={"kernel_shape": [3, 3]}, outputs=2, no_dy=(1,))
+for opset in (17, 13):
+    case(f"MaxPool-unknown-channels-{opset}", "MaxPool", [ints_data(2, 3, 7, 7, dynamic=("N", "C"))],
+         lambda x: F.max_pool2d(x, 3, 2, 1), attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+         opset=opset)
+    _neg_inf = float("-inf")
+    case(f"MaxPool-same-upper-{opset}", "MaxPool", [ints_data(2, 2, 6, 7)],
+         lambda x: F.max_pool2d(F.pad(x, (1, 1, 0, 1), value=_neg_inf), 3, 2),
+         attrs={"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, opset=opset)
+    case(f"MaxPool-same-lower-{opset}", "MaxPool", [ints_data(2, 2, 6, 7)],
+         lambda x: F.max_pool2d(F.pad(x, (1, 1, 1, 0), value=_neg_inf), 3, 2),
+         attrs={"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER"}, opset=opset)
 case("MaxPool-1d", "MaxPool", [ints_data(2, 3, 9)], lambda x: F.max_pool1d(x, 3, 2, 1),
      attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1]})
 for cip in (0, 1):
@@ -417,6 +435,8 @@ case("AveragePool-k2s2", "AveragePool", [rand(2, 3, 6, 4)], lambda x: F.avg_pool
      attrs={"kernel_shape": [2, 2], "strides": [2, 2]})
 case("AveragePool-same-upper", "AveragePool", [rand(1, 1, 5, 6)], "jacobian",
      attrs={"kernel_shape": [3, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER"})
+case("AveragePool-same-lower", "AveragePool", [rand(1, 1, 6, 5)], "jacobian",
+     attrs={"kernel_shape": [2, 3], "strides": [2, 1], "auto_pad": "SAME_LOWER", "count_include_pad": 1})
 case("AveragePool-asym-pads", "AveragePool", [rand(1, 1, 6, 5)], "jacobian",
      attrs={"kernel_shape": [3, 3], "strides": [2, 1], "pads": [0, 1, 2, 0]})
 case("GlobalAveragePool", "GlobalAveragePool", [rand(2, 3, 4, 5)], lambda x: x.mean((2, 3), keepdim=True))
@@ -437,6 +457,8 @@ case("Gemm-C-matrix", "Gemm", [rand(3, 4), rand(4, 5), rand(3, 1)], lambda a, b,
 case("MatMul-2d", "MatMul", [rand(3, 4), rand(4, 5)], torch.matmul)
 case("MatMul-batched-bcast", "MatMul", [rand(2, 1, 3, 4), rand(5, 4, 2)], torch.matmul)
 case("MatMul-weight-dynamic", "MatMul", [rand(2, 3, 4, dynamic=True), rand(4, 5)], torch.matmul)
+case("MatMul-batched-unknown", "MatMul", [rand(2, 3, 4, dynamic=("N", "T")), rand(2, 4, 5, dynamic="N")],
+     torch.matmul)
 case("MatMul-vec-left", "MatMul", [rand(4), rand(2, 4, 3)], torch.matmul)
 case("MatMul-vec-right", "MatMul", [rand(2, 3, 4), rand(4)], torch.matmul)
 case("MatMul-vec-vec", "MatMul", [rand(4), rand(4)], torch.matmul)
@@ -451,6 +473,10 @@ case("Resize-nearest-x2-sizes-axes-dynamic", "Resize", [rand(2, 3, 3, 4, dynamic
      attrs={"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor", "axes": [2, 3]})
 case("Resize-nearest-x2-sizes", "Resize", [rand(2, 3, 3, 4), None, None, const([2, 3, 6, 8])],
      lambda x, *_: F.interpolate(x, size=(6, 8), mode="nearest"),
+     attrs={"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"})
+case("Resize-nearest-x2-batch-channel-unknown", "Resize", [rand(2, 3, 3, 4, dynamic=("N", "C")), _no_roi,
+                                                          Const(np.float32([1, 1, 2, 2]))],
+     lambda x, r, s: F.interpolate(x, scale_factor=2, mode="nearest"),
      attrs={"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"})
 case("Resize-nearest-x3x2-halfpixel", "Resize", [rand(1, 2, 3, 4), _no_roi, Const(np.float32([1, 1, 3, 2]))],
      lambda x, r, s: F.interpolate(x, scale_factor=(3, 2), mode="nearest"),

@@ -17,7 +17,10 @@ as default-domain ops through ``ctx.e`` (see `rules_api` for the contract). Conv
   torch's hardtanh/relu6 exclude the bounds), HardSigmoid/HardSwish use torch's bounds.
 * Linear spatial resampling (Resize nearest/linear, AveragePool) is exact: per resized
   axis a constant matrix ``M`` (out x in) mirroring onnxruntime's coordinate arithmetic in
-  float32, and ``dX = M_hᵀ · dY · M_w`` as MatMuls.
+  float32 (and its AveragePool divisors), and ``dX = M_hᵀ · dY · M_w`` as MatMuls. The
+  gradient is that of onnxruntime's forward where it departs from torch's: a ceil_mode
+  AveragePool window with count_include_pad=1 that overhangs the padding is divided by
+  the whole kernel.
 
 What a rule cannot do raises `UnsupportedModelError` naming the op, the obstacle and
 the node: ``no gradient rule for Resize mode cubic (node /head/Resize)``.
@@ -102,10 +105,6 @@ def _scalar(ctx: GradContext, name: str, value: float) -> ir.Value:
 
 def _const(ctx: GradContext, name: str, array) -> ir.Value:
     return ctx.e.const(name, np.ascontiguousarray(np.asarray(array, dtype=_dtype(ctx))))
-
-
-def _op(ctx: GradContext, op_type: str, inputs, name: str, **attributes) -> ir.Value:
-    return ctx.e.op(op_type, list(inputs), name, **attributes)
 
 
 def _key(dim):
@@ -878,10 +877,13 @@ def max_pool_grad(ctx, dys):
         attributes = {name: attr.value for name, attr in ctx.node.attributes.items()}
         attributes["storage_order"] = 0
         indices = e.ops("MaxPool", [x], "argmax", outputs=2, **attributes)[1]
-    in_sizes, _, kernel, strides, dilations, begins, _ = _pool_geometry(ctx)
+    kernel = [int(k) for k in ctx.attr("kernel_shape")]
+    strides = [int(s) for s in (ctx.attr("strides") or [1] * len(kernel))]
+    dilations = [int(d) for d in (ctx.attr("dilations") or [1] * len(kernel))]
     opset = _opset(ctx)
     overlapping = any(s < (k - 1) * d + 1 for s, k, d in zip(strides, kernel, dilations))
     if opset < 16 and overlapping:
+        in_sizes, _, _, _, _, begins, _ = _pool_geometry(ctx)
         return [_max_pool_col2im(ctx, dy, indices, in_sizes, kernel, strides, dilations, begins)]
     dims = _dims(x)
     if all(isinstance(d, int) for d in dims):
@@ -898,13 +900,9 @@ def max_pool_grad(ctx, dys):
 
 def _max_pool_col2im(ctx, dy, indices, in_sizes, kernel, strides, dilations, begins) -> ir.Value:
     """Opset < 16 MaxPool gradient for overlapping windows: route dY to each window's argmax
-    offset (one-hot over the K kernel positions), then ConvTranspose with a one-hot kernel
-    per offset (groups = channels) places every offset at its input position."""
+    offset (one-hot over the K kernel positions, the planes N·C folded into the batch), then
+    one ConvTranspose with a one-hot kernel per offset places every offset at its input position."""
     e, x = ctx.e, ctx.inputs[0]
-    dims = _dims(x)
-    channels = dims[1]
-    if not isinstance(channels, int):
-        _refuse(ctx, "below opset 16 with overlapping windows and an unknown channel count")
     n = len(in_sizes)
     rank = n + 2
     out_sizes = _spatial_static(ctx, ctx.outputs[0])
@@ -931,16 +929,15 @@ def _max_pool_col2im(ctx, dy, indices, in_sizes, kernel, strides, dilations, beg
                             ctx.e.ints("kernel_offsets", offsets)], "onehot")
     routed = e.op("Where", [onehot, e.op("Unsqueeze", [dy, _ints(ctx, "axis", [2])], "dY_k"),
                             _scalar(ctx, "zero", 0.0)], "routed")
-    columns = e.op("Reshape", [routed, _ints(ctx, "columns_shape", [0, channels * k_total] + out_sizes)], "columns")
-    kernel_weights = np.zeros([channels * k_total, 1] + kernel, dtype=_dtype(ctx))
+    columns = e.op("Reshape", [routed, _ints(ctx, "columns_shape", [-1, k_total] + out_sizes)], "columns")
+    kernel_weights = np.zeros([k_total, 1] + kernel, dtype=_dtype(ctx))
     for q, pos in enumerate(np.ndindex(*kernel)):
-        kernel_weights[(slice(q, None, k_total), 0) + pos] = 1.0
+        kernel_weights[(q, 0) + pos] = 1.0
     spread = e.op("ConvTranspose", [columns, ctx.e.const("col2im_kernel", kernel_weights)], "spread",
-                  group=channels, kernel_shape=kernel, strides=strides, dilations=dilations,
-                  pads=list(begins) + [0] * n)
+                  kernel_shape=kernel, strides=strides, dilations=dilations, pads=list(begins) + [0] * n)
     natural = [(o - 1) * s + (k - 1) * d + 1 - b
                for o, s, k, d, b in zip(out_sizes, strides, kernel, dilations, begins)]
-    return _fit_spatial(ctx, spread, natural, in_sizes)
+    return _reshape_like(ctx, _fit_spatial(ctx, spread, natural, in_sizes), x)
 
 
 def _fit_spatial(ctx: GradContext, grad: ir.Value, have: list[int], want: list[int]) -> ir.Value:
