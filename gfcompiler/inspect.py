@@ -83,6 +83,9 @@ def render_summary(manifest: dict) -> str:
 
 def _form_line(manifest: dict) -> str:
     """How the artifacts run: frozen prefix + trained suffix (and what crosses), or one training graph."""
+    if manifest.get("form") == "step_model":
+        return ("form: one standard-ONNX step model (forward, loss, backward and optimizer update) for "
+                "plain onnxruntime; frozen layers are its constants")
     if manifest.get("form") != "two_stage":
         reason = manifest.get("single_graph_reason")
         return "form: single training graph" + (f" ({reason})" if reason else "")
@@ -99,6 +102,11 @@ def _layer_subgraph(directory: Path, layer_name: str, manifest: dict):
     names = [layer["name"] for layer in manifest["layers"]]
     if layer_name not in names:
         raise InputError(f"--layer: no conv named {layer_name!r} (trained: {', '.join(manifest['selection']['trained_convs'])})")
+    if manifest.get("form") == "step_model":
+        from gfcompiler.onnx_step.emit import nodes_of_layer
+
+        model = ir.load(str(directory / manifest["files"]["step_model"]))
+        return [node for node in model.graph if node.name == layer_name] + nodes_of_layer(model.graph, layer_name)
     model = ir.load(str(directory / FILES["training_model"]))
     prefix = f"{layer_name}/gf/"  # the filter pass names every node it emits after its layer
     nodes = [

@@ -60,3 +60,18 @@ class Emitter:
 
     def scalar(self, name: str, value: float, dtype=np.float32) -> ir.Value:
         return self.const(name, np.asarray(value, dtype=dtype))
+
+
+def tag(nodes, *, layer: str | None = None, phase: str | None = None) -> None:
+    """Record ``layer``/``phase`` in the metadata of ``nodes`` that carry none yet."""
+    for node in nodes:
+        if layer and "gfc.layer" not in node.metadata_props:
+            node.metadata_props["gfc.layer"] = layer
+        if phase and "gfc.phase" not in node.metadata_props:
+            node.metadata_props["gfc.phase"] = phase
+
+
+def nodes_of_layer(graph, layer: str, phase: str | None = None) -> list:
+    """The nodes of ``graph`` whose metadata names ``layer`` (and ``phase``, if given), in graph order."""
+    return [node for node in graph if node.metadata_props.get("gfc.layer") == layer
+            and (phase is None or node.metadata_props.get("gfc.phase") == phase)]

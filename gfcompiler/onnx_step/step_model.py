@@ -33,7 +33,7 @@ from onnx_ir.passes import common as common_passes
 from gfcompiler.artifacts import OptimizerSpec
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.onnx_step import autodiff, conv_rules, optimizers
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.onnx_step.emit import Emitter, tag
 from gfcompiler.onnx_step.grad_rules import RULES
 from gfcompiler.onnx_step.losses import build_loss
 from gfcompiler.passes import filter_ops
@@ -166,6 +166,7 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
         for initializer in tape.initializers:
             graph.register_initializer(initializer)
         graph.insert_before(conv, list(tape.nodes))
+        tag(tape.nodes, layer=name, phase="forward")
         summaries[name] = (x_sum, w_sum, list(tape.nodes))
 
     tape = ir.tape.Tape()
@@ -192,6 +193,7 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
             for initializer in anchor.initializers:
                 graph.register_initializer(initializer)
             graph.insert_before(convs[name], list(anchor.nodes))
+            tag(anchor.nodes, layer=name, phase="forward")
 
     state = [StateEntry(name, "parameter", name) for name in trainable]
     state += [StateEntry(slot.name, "optimizer", slot.param) for slot in slots]
