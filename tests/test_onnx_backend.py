@@ -82,3 +82,66 @@ def test_torchvision_last4_gradients(tmp_path, arch):
         if patch:
             assert manifest["totals"]["filtered_layers"] == 4
             assert manifest["totals"]["held_bytes"] < manifest["totals"]["held_bytes_exact"]
+
+
+@pytest.mark.parametrize("patch", [0, 4])
+def test_backends_agree(tmp_path, patch):
+    """The same model compiled for both backends: equal loss and gradients (ort-training's ConvGrad vs ours)."""
+    pytest.importorskip("onnxruntime.training.api", reason="needs onnxruntime-training")
+    torch.manual_seed(1)
+    model = torchref.fused(SmallNet())
+    export(model, tmp_path / "model.onnx", (2, 3, 32, 32))
+    onnx_out, ort_out = tmp_path / "onnx", tmp_path / "ort"
+    compile_model(tmp_path / "model.onnx", onnx_out, CompileOptions(layers=4, patch=patch, **STEP_OPTIONS))
+    compile_model(tmp_path / "model.onnx", ort_out, CompileOptions(layers=4, patch=patch, backend="ort-training"))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, 2).astype(np.int64)
+    loss, grads, _ = step_gradients(onnx_out, x, labels)
+    ort_loss, ort_grads, _ = torchref.ort_gradients(ort_out, x, labels)
+    assert loss == pytest.approx(ort_loss, rel=1e-5)
+    assert set(grads) == set(ort_grads)
+    for name in grads:
+        scale = np.abs(ort_grads[name]).max() + 1e-12
+        assert np.abs(grads[name] - ort_grads[name]).max() / scale < 1e-4, name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_trainer_steps_equal_torch_optim(tmp_path, optimizer):
+    """Three Trainer steps on compiled artifacts move the parameters exactly as torch.optim does."""
+    from gfcompiler.artifacts import OptimizerSpec
+    from gfcompiler.runtime import Trainer
+
+    torch.manual_seed(2)
+    model = torchref.fused(SmallNet())
+    export(model, tmp_path / "model.onnx", (2, 3, 32, 32))
+    spec = OptimizerSpec(name=optimizer, momentum=0.9, weight_decay=5e-4 if optimizer == "sgd" else 0.01)
+    compile_model(tmp_path / "model.onnx", tmp_path / "out",
+                  CompileOptions(layers=2, patch=0, optimizer=spec, backend="onnx"))
+    trainer = Trainer(tmp_path / "out")
+    start = {name: value for name, value in trainer.parameters().items() if name in trainer.artifacts.trainable_params}
+    torch_of = {name: next(p for p in model.parameters() if p.shape == v.shape and np.array_equal(p.detach().numpy(), v))
+                for name, v in start.items()}
+    trained = list(torch_of.values())
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in trained))
+    torch_optimizer = (torch.optim.SGD(trained, lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
+                       else torch.optim.AdamW(trained, lr=0.01, weight_decay=0.01))
+    rng = np.random.default_rng(4)
+    for step in range(3):
+        x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, 2).astype(np.int64)
+        lr = (0.05 if optimizer == "sgd" else 0.01) / (step + 1)
+        for group in torch_optimizer.param_groups:
+            group["lr"] = lr
+        loss = trainer.step(x, y, lr=lr)
+        torch_optimizer.zero_grad()
+        torch_loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        torch_loss.backward()
+        torch_optimizer.step()
+        assert loss == pytest.approx(float(torch_loss), rel=1e-5)
+    after = trainer.parameters()
+    for name, p in torch_of.items():
+        expected = p.detach().numpy()
+        assert not np.allclose(expected, start[name]), f"{name} did not move"
+        assert np.allclose(after[name], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max()), name
