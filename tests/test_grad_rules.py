@@ -100,8 +100,18 @@ def _graph_input(name: str, spec: Data) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(spec.array.dtype)), shape=ir.Shape(shape))
 
 
-def build(case: Case):
-    """(model, feeds, output names, gradient names by input index)."""
+@dataclasses.dataclass
+class Built:
+    model: ir.Model  # forward node + backward, the dY inputs and gradient outputs added
+    forward: bytes  # the forward model alone, shape-inferred
+    feeds: dict
+    forward_names: list
+    grad_names: dict  # input index -> graph output name
+    dys: list
+
+
+def build(case: Case) -> Built:
+    """The case's one-node forward model with the rule's backward attached."""
     graph_inputs, initializers, node_inputs, needs, feeds = [], [], [], [], {}
     for i, spec in enumerate(case.inputs):
         if spec is None:
@@ -124,25 +134,30 @@ def build(case: Case):
     node = ir.Node("", case.op, node_inputs, attributes=_attrs(case.attrs), outputs=outputs, name=f"/test/{case.op}")
     graph = ir.Graph(graph_inputs, outputs, nodes=[node], initializers=initializers,
                      opset_imports={"": case.opset}, name="case")
-    proto = onnx.shape_inference.infer_shapes(ir.to_proto(ir.Model(graph, ir_version=9)), strict_mode=True,
-                                              data_prop=True)
+    return attach(ir.to_proto(ir.Model(graph, ir_version=9)), feeds, needs, case.no_dy)
+
+
+def attach(proto: onnx.ModelProto, feeds: dict, needs: list[bool], no_dy=(), node_name: str | None = None) -> Built:
+    """Shape-infer a forward model and wire the rule of its node ``node_name`` (default: the
+    first) into it: a dY input per output, an output per returned gradient."""
+    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     forward_bytes = proto.SerializeToString()
     model = ir.from_proto(proto)
     graph = model.graph
-    node = next(iter(graph))
+    node = next(n for n in graph if node_name is None or n.name == node_name)
     forward_outputs = [v.name for v in graph.outputs]
 
     tape = ir.tape.Tape()
     dys = []
     for i, y in enumerate(node.outputs):
-        if i in case.no_dy or not y.dtype.is_floating_point():
+        if i in no_dy or not y.dtype.is_floating_point():
             dys.append(None)
             continue
-        dy = ir.Value(name=f"dY{i}", type=ir.TensorType(y.dtype), shape=ir.Shape(list(y.shape)))
+        dy = ir.Value(name=f"dY{i}", type=ir.TensorType(y.dtype), shape=None if y.shape is None else ir.Shape(y.shape))
         graph.inputs.append(dy)
         dys.append(dy)
     ctx = GradContext(node, Emitter(tape, f"{node.name}/grad"), needs)
-    grads = RULES[case.op](ctx, dys)
+    grads = RULES[node.op_type](ctx, dys)
     assert len(grads) == len(node.inputs)
     graph.extend(tape.nodes)
     for value in tape.initializers:
@@ -158,16 +173,6 @@ def build(case: Case):
         graph.outputs.append(out)
         grad_names[i] = out.name
     return Built(model, forward_bytes, feeds, forward_outputs, grad_names, dys)
-
-
-@dataclasses.dataclass
-class Built:
-    model: ir.Model  # forward node + backward, the dY inputs and gradient outputs added
-    forward: bytes  # the forward model alone, shape-inferred
-    feeds: dict
-    forward_names: list
-    grad_names: dict  # input index -> graph output name
-    dys: list
 
 
 def _attrs(attrs: dict):
@@ -392,6 +397,15 @@ case("ReduceMean-attr", "ReduceMean", [rand(2, 3, 4, 4)], lambda x: x.mean((2, 3
      attrs={"axes": [2, 3], "keepdims": 0}, opset=13)
 case("ReduceMean-input", "ReduceMean", [rand(2, 3, 4, dynamic=True), const([0])], lambda x, a: x.mean(0, keepdim=True),
      opset=18)
+case("ReduceMax-ties", "ReduceMax", [ints_data(2, 3, 4, lo=0, hi=3)], lambda x: x.amax((1, 2)),
+     attrs={"axes": [1, -1], "keepdims": 0}, opset=13)
+case("ReduceMax-input-dynamic", "ReduceMax", [rand(2, 3, 4, dynamic=True), const([1])],
+     lambda x, a: x.amax(1, keepdim=True), opset=18)
+case("ReduceMin-all", "ReduceMin", [ints_data(3, 4)], lambda x: x.amin().reshape(1, 1))
+case("ReduceL2", "ReduceL2", [with_values(rand(3, 4), [0.0] * 4)], lambda x: torch.linalg.vector_norm(x, dim=1),
+     attrs={"axes": [1], "keepdims": 0})
+case("ReduceSumSquare", "ReduceSumSquare", [rand(2, 3, 4)], lambda x: (x * x).sum(2, keepdim=True),
+     attrs={"axes": [2]})
 
 # pooling
 for opset in (17, 13):
@@ -525,6 +539,7 @@ case("BatchNormalization-2d", "BatchNormalization",
       Data(_rng.uniform(0.5, 2, _channels).astype(np.float32), grad=False)],
      lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, training=False))
 case("Cast-double", "Cast", [rand(2, 3)], lambda x: x, attrs={"to": onnx.TensorProto.DOUBLE})
+case("CastLike", "CastLike", [rand(2, 3), Const(np.zeros(1, np.float64))], lambda x, t: x)
 case("Cast-same", "Cast", [rand(2, 3)], lambda x: x, attrs={"to": onnx.TensorProto.FLOAT})
 case("Dropout", "Dropout", [rand(2, 3), Const(np.float32(0.3))], lambda x, r: x, opset=13)
 case("Dropout-eval-flag", "Dropout", [rand(2, 3), None, Const(np.bool_(False))], lambda x, *_: x)
@@ -560,6 +575,54 @@ def test_unneeded_inputs_get_none_and_no_nodes():
     assert grads[1] is None and grads[0] is not None
     assert all(n.op_type == "Mul" for n in tape.nodes) and len(tape.nodes) == 1
     assert tape.nodes[0].name.startswith("/m/grad/")
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_resize_sizes_from_shape_arithmetic(opset):
+    """torch's legacy export of F.interpolate(size=...): sizes = Concat(Shape(X)[0:2], Cast(HW)); onnx
+    shape inference leaves the output unknown, the rule folds the sizes."""
+    from onnx import TensorProto, helper
+
+    x = rand(2, 3, 4, 5).array
+    nodes = [
+        helper.make_node("Shape", ["x0"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "two", "zero"], ["batch_channels"]),
+        helper.make_node("Cast", ["hw"], ["hw_int"], to=TensorProto.INT64),
+        helper.make_node("Concat", ["batch_channels", "hw_int"], ["sizes"], axis=0),
+        helper.make_node("Resize", ["x0", "", "", "sizes"], ["y"], name="/up/Resize", mode="linear",
+                         coordinate_transformation_mode="pytorch_half_pixel"),
+    ]
+    initializers = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+                    helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+                    helper.make_tensor("hw", TensorProto.FLOAT, [2], [7, 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    built = attach(proto, {"x0": x}, [True, False, False, False], node_name="/up/Resize")
+    dy = np.random.default_rng(3).uniform(-1, 1, (2, 3, 7, 3)).astype(np.float32)
+    grad = session(built.model).run(["grad0"], {"x0": x, "dY0": dy})[0]
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (F.interpolate(xt, size=(7, 3), mode="bilinear") * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=RTOL, atol=1e-5)
+
+
+def test_resize_scales_from_constant_value_floats():
+    """torch's dynamo exporter: scales from a Constant node with a value_floats attribute."""
+    from onnx import TensorProto, helper
+
+    x = rand(2, 3, 3, 4).array
+    nodes = [
+        helper.make_node("Constant", [], ["scales"], value_floats=[1.0, 1.0, 2.0, 2.0]),
+        helper.make_node("Resize", ["x0", "", "scales"], ["y"], name="/up/Resize", mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 3, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    built = attach(proto, {"x0": x}, [True, False, False], node_name="/up/Resize")
+    dy = np.random.default_rng(4).uniform(-1, 1, (2, 3, 6, 8)).astype(np.float32)
+    grad = session(built.model).run(["grad0"], {"x0": x, "dY0": dy})[0]
+    np.testing.assert_allclose(grad, dy.reshape(2, 3, 3, 2, 4, 2).sum((3, 5)), rtol=RTOL, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -268,10 +268,74 @@ def _where(ctx: GradContext, condition: ir.Value, then: ir.Value, otherwise: ir.
 def _constant_ints(ctx: GradContext, value: ir.Value | None, what: str) -> list[int] | None:
     if value is None:
         return None
-    array = ctx.constant_array(value)
-    if array is None:
+    folded = _fold(ctx, value)
+    if folded is None or not all(isinstance(v, (int, float)) for v in folded):
         _refuse(ctx, f"with a non-constant {what}")
-    return [int(v) for v in np.asarray(array).reshape(-1)]
+    return [int(v) for v in folded]
+
+
+_FOLD_DEPTH = 8
+
+
+def _fold(ctx: GradContext, value: ir.Value | None, depth: int = 0) -> list | None:
+    """The elements of a small 1-D (or scalar) value known at compile time, or None.
+
+    Follows constants and the shape arithmetic exporters emit for Resize sizes, axes and
+    the like (Shape, Slice, Gather, Concat, Cast, Unsqueeze, Squeeze, Reshape, Identity).
+    Elements are numbers, or ``_key`` tuples of a symbolic dimension read by ``Shape``,
+    or None where unknown.
+    """
+    if value is None or depth > _FOLD_DEPTH:
+        return None
+    array = ctx.constant_array(value)
+    if array is not None:
+        flat = np.asarray(array).reshape(-1)
+        return [v.item() for v in flat] if flat.size <= 4096 else None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    inputs = list(node.inputs)
+    op = node.op_type
+    if op == "Constant":
+        for name in ("value_int", "value_float", "value_ints", "value_floats"):
+            if name in node.attributes:
+                return list(np.asarray(node.attributes[name].value).reshape(-1).tolist())
+        return None
+
+    def fold(i):
+        return _fold(ctx, inputs[i], depth + 1) if i < len(inputs) and inputs[i] is not None else None
+
+    if op == "Shape":
+        dims = _dims(inputs[0])
+        if dims is None:
+            return None
+        start = node.attributes["start"].value if "start" in node.attributes else 0
+        end = node.attributes["end"].value if "end" in node.attributes else len(dims)
+        return [d if isinstance(d, int) else _key(d) for d in dims[slice(start, end)]]
+    if op in ("Identity", "Reshape", "Unsqueeze", "Squeeze"):
+        return fold(0)
+    if op == "Cast":
+        parts = fold(0)
+        if parts is None:
+            return None
+        to = ir.DataType(node.attributes["to"].value)
+        cast = float if to.is_floating_point() else int
+        return [cast(v) if isinstance(v, (int, float)) else v for v in parts]
+    if op == "Concat":
+        parts = [fold(i) for i in range(len(inputs))]
+        return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    if op == "Slice":
+        data, bounds = fold(0), [fold(i) for i in range(1, len(inputs))]
+        if data is None or any(b is None or not all(isinstance(v, int) for v in b) for b in bounds[:2]):
+            return None
+        steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else [1]
+        return data[slice(bounds[0][0], bounds[1][0], steps[0])]
+    if op == "Gather":
+        data, index = fold(0), fold(1)
+        if data is None or index is None or not all(isinstance(i, int) for i in index):
+            return None
+        return [data[i] for i in index]
+    return None
 
 
 def _input(ctx: GradContext, i: int) -> ir.Value | None:
@@ -825,6 +889,51 @@ def reduce_grad(ctx, dys):
     return [e.op("Expand", [grad, target], "dX")] + [None] * (len(ctx.inputs) - 1)
 
 
+def _kept(ctx: GradContext, value: ir.Value, axes: list[int], name: str) -> ir.Value:
+    """``value`` (a reduction's output or its gradient) with the reduced axes back as 1s."""
+    if ctx.attr("keepdims", 1):
+        return value
+    return ctx.e.op("Unsqueeze", [value, _ints(ctx, "axes", axes)], name)
+
+
+@_rule("ReduceMax", "ReduceMin")
+def reduce_max_grad(ctx, dys):
+    """Y = max (min) of X over axes: dX = dY where X == Y, shared evenly among ties (torch.amax)."""
+    e, x = ctx.e, ctx.inputs[0]
+    axes = _reduce_axes(ctx, _rank(ctx, x))
+    if axes is None:
+        return [dys[0]]
+    hit = e.op("Cast", [e.op("Equal", [x, _kept(ctx, ctx.outputs[0], axes, "Y_kept")], "is_extreme")], "hits",
+               to=_onnx_dtype(ctx))
+    ties = e.op("ReduceSum", [hit, _ints(ctx, "axes", axes)], "ties", keepdims=1)
+    share = e.op("Div", [_kept(ctx, dys[0], axes, "dY_kept"), ties], "share")
+    return [e.op("Mul", [hit, share], "dX")]
+
+
+@_rule("ReduceL2")
+def reduce_l2_grad(ctx, dys):
+    """Y = √(Σ X²) over axes: dX = dY · X / Y, 0 where Y = 0 (torch's norm)."""
+    e, x = ctx.e, ctx.inputs[0]
+    axes = _reduce_axes(ctx, _rank(ctx, x))
+    if axes is None:
+        return [e.op("Mul", [dys[0], e.op("Sign", [x], "sign")], "dX")]
+    y = _kept(ctx, ctx.outputs[0], axes, "Y_kept")
+    zero = _scalar(ctx, "zero", 0.0)
+    safe = e.op("Where", [e.op("Equal", [y, zero], "is_zero"), _scalar(ctx, "one", 1.0), y], "safe_Y")
+    ratio = e.op("Where", [e.op("Equal", [y, zero], "is_zero"), zero,
+                           e.op("Div", [_kept(ctx, dys[0], axes, "dY_kept"), safe], "dY_over_Y")], "ratio")
+    return [e.op("Mul", [x, ratio], "dX")]
+
+
+@_rule("ReduceSumSquare")
+def reduce_sum_square_grad(ctx, dys):
+    """Y = Σ X² over axes: dX = 2 · X · dY (broadcast back)."""
+    e, x = ctx.e, ctx.inputs[0]
+    axes = _reduce_axes(ctx, _rank(ctx, x))
+    grad = dys[0] if axes is None else _kept(ctx, dys[0], axes, "dY_kept")
+    return [e.op("Mul", [e.op("Mul", [x, _scalar(ctx, "two", 2.0)], "two_X"), grad], "dX")]
+
+
 # ----------------------------------------------------------------------------- pooling
 
 
@@ -1194,28 +1303,38 @@ def resize_grad(ctx, dys):
         _refuse(ctx, "on tensors of unknown rank")
     rank = len(x_dims)
     axes = [_norm_axis(int(a), rank) for a in (ctx.attr("axes") or range(rank))]
-    scales_array = ctx.constant_array(_input(ctx, 2)) if _input(ctx, 2) is not None else None
-    sizes_value = _input(ctx, 3)
+    out_dims = list(y_dims)
     scales = [_f32(1.0)] * rank
-    if scales_array is not None and scales_array.size > 0:
-        for axis, s in zip(axes, np.asarray(scales_array, dtype=np.float32).reshape(-1)):
+    given_scales = _fold(ctx, _input(ctx, 2)) if _input(ctx, 2) is not None else None
+    sizes_value = _input(ctx, 3)
+    if _input(ctx, 2) is not None and given_scales is None and sizes_value is None:
+        _refuse(ctx, "with non-constant scales")
+    if given_scales:
+        for axis, s in zip(axes, given_scales):
+            if not isinstance(s, (int, float)):
+                _refuse(ctx, "with non-constant scales")
             scales[axis] = _f32(s)
+            if not isinstance(out_dims[axis], int) and isinstance(x_dims[axis], int):
+                out_dims[axis] = int(_f32(s) * _f32(x_dims[axis]))  # onnxruntime's output size
     elif sizes_value is not None:
         if ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
             _refuse(ctx, "with keep_aspect_ratio_policy other than stretch")
-        for axis in axes:
-            i, o = x_dims[axis], y_dims[axis]
-            if _key(i) is not None and _key(i) == _key(o):
+        sizes = _fold(ctx, sizes_value) or [None] * len(axes)
+        for axis, size in zip(axes, sizes):
+            i, o = x_dims[axis], out_dims[axis]
+            if not isinstance(o, int) and size is not None:
+                o = out_dims[axis] = size  # an int, or the key of a dimension read by Shape
+            if _key(i) is not None and _key(i) in (_key(o), o):
                 continue  # the same size (a symbolic batch kept by the exporter's Shape-derived sizes)
             if not (isinstance(i, int) and isinstance(o, int)):
                 _refuse(ctx, f"along axis {axis} of unknown size")
             scales[axis] = _f32(1.0) if i == 0 else _f32(o) / _f32(i)
     else:
-        _refuse(ctx, "with non-constant scales")
+        _refuse(ctx, "without scales or sizes")
     matrices: list[np.ndarray | None] = [None] * rank
     blocks: list[int | None] = [None] * rank
     for axis in range(rank):
-        i, o = x_dims[axis], y_dims[axis]
+        i, o = x_dims[axis], out_dims[axis]
         if scales[axis] == _f32(1.0):  # onnxruntime copies such an axis as is
             continue
         if not (isinstance(i, int) and isinstance(o, int)):
@@ -1301,7 +1420,7 @@ def batch_norm_grad(ctx, dys):
     return grads
 
 
-@_rule("Cast")
+@_rule("Cast", "CastLike")
 def cast_grad(ctx, dys):
     """Y = cast(X) between float types: dX = cast(dY) back to X's type (no gradient into integers)."""
     source = _np_dtype(ctx.inputs[0])
