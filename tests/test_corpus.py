@@ -50,29 +50,39 @@ def one_step(directory: Path, manifest: dict) -> float:
     return loss
 
 
-def compile_and_step(model_path: Path, layers: int, patch: int, workdir: Path) -> tuple[str, float]:
+def one_trainer_step(directory: Path, manifest: dict) -> float:
+    from gfcompiler.runtime import Trainer
+
+    shape = [2 if d is None else d for d in manifest["inputs"][0]["shape"]]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return Trainer(directory).step(x, np.zeros(shape[0], np.int64))
+
+
+def compile_and_step(model_path: Path, layers: int, patch: int, workdir: Path,
+                     backend: str = "ort-training") -> tuple[str, float]:
     start = time.perf_counter()
-    out = workdir / f"out_{layers}_{patch}"
+    out = workdir / f"out_{backend}_{layers}_{patch}"
     try:
-        manifest = compile_model(model_path, out, CompileOptions(layers=layers, patch=patch))
+        manifest = compile_model(model_path, out, CompileOptions(layers=layers, patch=patch, backend=backend))
     except GfcError as error:
         return f"refused: {error}", time.perf_counter() - start
     seconds = time.perf_counter() - start
-    loss = one_step(out, manifest)
+    loss = one_step(out, manifest) if backend == "ort-training" else one_trainer_step(out, manifest)
     assert np.isfinite(loss), loss
     t = manifest["totals"]
     return f"ok: {t['filtered_layers']}/{t['trained_layers']} filtered, loss {loss:.3f}", seconds
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnx", "ort-training"])
 @pytest.mark.parametrize("arch, exporter", corpus())
-def test_corpus_model(tmp_path, arch, exporter):
+def test_corpus_model(tmp_path, arch, exporter, backend):
     try:
         path = models.torchvision_onnx(arch, exporter=exporter, batch=None, num_classes=10)
     except models.ModelUnavailable as reason:
         pytest.skip(str(reason))
     for layers, patch in CONFIGS:
-        result, _ = compile_and_step(path, layers, patch, tmp_path)
+        result, _ = compile_and_step(path, layers, patch, tmp_path, backend)
         expected = KNOWN_REFUSALS.get((arch, exporter))
         if expected:
             assert result.startswith("refused") and expected in result, result
@@ -81,7 +91,8 @@ def test_corpus_model(tmp_path, arch, exporter):
 
 
 def main() -> None:
-    print(f"{'model':22} {'exporter':8} {'config':10} {'seconds':>7}  result")
+    backend = sys.argv[1] if len(sys.argv) > 1 else "ort-training"
+    print(f"{'model':22} {'exporter':8} {'config':10} {'seconds':>7}  result  (backend {backend})")
     for arch, exporter in corpus():
         try:
             path = models.torchvision_onnx(arch, exporter=exporter, batch=None, num_classes=10)
@@ -91,7 +102,7 @@ def main() -> None:
         for layers, patch in CONFIGS:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    result, seconds = compile_and_step(path, layers, patch, Path(tmp))
+                    result, seconds = compile_and_step(path, layers, patch, Path(tmp), backend)
                 except Exception as error:  # report, don't stop the table
                     result, seconds = f"ERROR {type(error).__name__}: {str(error)[:200]}", float("nan")
             print(f"{arch:22} {exporter:8} L{layers} r{patch:<6} {seconds:7.1f}  {result}", flush=True)
