@@ -329,6 +329,9 @@ case("Elu-alpha", "Elu", [with_values(rand(3, 5, lo=-3, hi=3), [0.0])], lambda x
      attrs={"alpha": 0.5})
 case("Selu", "Selu", [with_values(rand(3, 5, lo=-3, hi=3), [0.0])], F.selu)
 case("Softplus", "Softplus", [with_values(rand(3, 5, lo=-5, hi=5), [0.0])], F.softplus)
+case("Mish", "Mish", [with_values(rand(3, 5, lo=-4, hi=4), [0.0])], F.mish, opset=18)
+case("Celu", "Celu", [with_values(rand(3, 5, lo=-3, hi=3), [0.0])], lambda x: F.celu(x, 0.7), attrs={"alpha": 0.7})
+case("Softsign", "Softsign", [rand(3, 5, lo=-3, hi=3)], F.softsign)
 case("Exp", "Exp", [rand(3, 4)], torch.exp)
 case("Log", "Log", [rand(3, 4, lo=0.2, hi=3)], torch.log)
 case("Erf", "Erf", [rand(3, 4, lo=-2, hi=2)], torch.erf)
@@ -538,6 +541,19 @@ case("BatchNormalization-2d", "BatchNormalization",
       Const(np.zeros(_channels, np.float32)), Const(np.zeros(_channels, np.float32)),
       Data(_rng.uniform(0.5, 2, _channels).astype(np.float32), grad=False)],
      lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, training=False))
+case("LayerNormalization", "LayerNormalization", [rand(2, 3, 4, dynamic=True), rand(4, lo=0.5, hi=2), rand(4)],
+     lambda x, w, b: F.layer_norm(x, (4,), w, b, 1e-3), attrs={"epsilon": 1e-3})
+# (no bias: an explicit empty third input crashes onnxruntime 1.19's LayerNormalization)
+case("LayerNormalization-2axes-stats", "LayerNormalization", [rand(2, 3, 4, 5), rand(4, 5)],
+     lambda x, w: (F.layer_norm(x, (4, 5), w), x.mean((2, 3), keepdim=True),
+                      1 / torch.sqrt(x.var((2, 3), unbiased=False, keepdim=True) + 1e-5)),
+     attrs={"axis": 2}, outputs=3, no_dy=(1, 2))
+case("LayerNormalization-frozen-scale", "LayerNormalization", [rand(3, 6), Const(_rng.uniform(0.5, 2, 6)
+                                                                                 .astype(np.float32))],
+     lambda x, w: F.layer_norm(x, (6,), w))
+case("InstanceNormalization", "InstanceNormalization", [rand(2, 3, 4, 5, dynamic=True), rand(3, lo=0.5, hi=2),
+                                                        rand(3)],
+     lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=1e-4), attrs={"epsilon": 1e-4})
 case("Cast-double", "Cast", [rand(2, 3)], lambda x: x, attrs={"to": onnx.TensorProto.DOUBLE})
 case("CastLike", "CastLike", [rand(2, 3), Const(np.zeros(1, np.float64))], lambda x, t: x)
 case("Cast-same", "Cast", [rand(2, 3)], lambda x: x, attrs={"to": onnx.TensorProto.FLOAT})

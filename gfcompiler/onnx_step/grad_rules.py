@@ -610,6 +610,35 @@ def softplus_grad(ctx, dys):
     return [ctx.e.op("Mul", [dys[0], ctx.e.op("Sigmoid", [ctx.inputs[0]], "sigmoid")], "dX")]
 
 
+@_rule("Mish")
+def mish_grad(ctx, dys):
+    """Y = X·tanh(softplus(X)): dX = dY·(t + X·(1 - t²)·σ(X)), t = tanh(softplus(X))."""
+    e, x = ctx.e, ctx.inputs[0]
+    t = e.op("Tanh", [e.op("Softplus", [x], "softplus")], "t")
+    sech2 = e.op("Sub", [_scalar(ctx, "one", 1.0), e.op("Mul", [t, t], "t2")], "sech2")
+    tail = e.op("Mul", [e.op("Mul", [x, sech2], "x_sech2"), e.op("Sigmoid", [x], "sigmoid")], "tail")
+    return [e.op("Mul", [dys[0], e.op("Add", [t, tail], "slope")], "dX")]
+
+
+@_rule("Celu")
+def celu_grad(ctx, dys):
+    """Y = max(0, X) + min(0, alpha·(e^(X/alpha) - 1)): dX = dY for X > 0, dY·(Y/alpha + 1) otherwise."""
+    e, y = ctx.e, ctx.outputs[0]
+    alpha = ctx.attr("alpha", 1.0)
+    positive = e.op("Greater", [y, _scalar(ctx, "zero", 0.0)], "positive")
+    slope = e.op("Add", [e.op("Mul", [y, _scalar(ctx, "inv_alpha", 1.0 / alpha)], "y_over_alpha"),
+                         _scalar(ctx, "one", 1.0)], "slope")
+    return [e.op("Where", [positive, dys[0], e.op("Mul", [dys[0], slope], "neg_branch")], "dX")]
+
+
+@_rule("Softsign")
+def softsign_grad(ctx, dys):
+    """Y = X / (1 + |X|): dX = dY / (1 + |X|)²."""
+    e = ctx.e
+    denominator = e.op("Add", [e.op("Abs", [ctx.inputs[0]], "abs"), _scalar(ctx, "one", 1.0)], "one_abs")
+    return [e.op("Div", [dys[0], e.op("Mul", [denominator, denominator], "squared")], "dX")]
+
+
 @_rule("Exp")
 def exp_grad(ctx, dys):
     """Y = e^X: dX = dY · Y."""
@@ -1418,6 +1447,71 @@ def batch_norm_grad(ctx, dys):
     if ctx.needs[2]:
         grads[2] = e.op("ReduceSum", [dy, _ints(ctx, "axes", others)], "dbias", keepdims=0)
     return grads
+
+
+def _normalization_backward(ctx: GradContext, dy: ir.Value, axes: list[int], gamma: ir.Value | None, eps: float,
+                            mean: ir.Value | None = None, inv_std: ir.Value | None = None):
+    """dX and X̂ of Y = gamma·X̂ + beta, X̂ = (X - μ)/√(σ² + eps) with μ, σ² over ``axes`` of X:
+    dX = r·(g - mean(g) - X̂·mean(g·X̂)) with g = dY·gamma and r = 1/√(σ² + eps)."""
+    e, x = ctx.e, ctx.inputs[0]
+    dims = _dims(x)
+    sizes = [dims[a] for a in axes]
+    if not all(isinstance(d, int) for d in sizes):
+        _refuse(ctx, "over axes of unknown size")
+    axes_value = _ints(ctx, "norm_axes", axes)
+    inv_count = _scalar(ctx, "inv_count", 1.0 / max(1, int(np.prod(sizes))))
+
+    def average(value, name):
+        return e.op("Mul", [e.op("ReduceSum", [value, axes_value], f"{name}_sum", keepdims=1), inv_count], name)
+
+    if mean is None:
+        mean = average(x, "mean")
+    centered = e.op("Sub", [x, mean], "centered")
+    if inv_std is None:
+        variance = average(e.op("Mul", [centered, centered], "squares"), "variance")
+        inv_std = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [variance, _scalar(ctx, "eps", eps)], "var_eps")],
+                                            "std")], "inv_std")
+    x_hat = e.op("Mul", [centered, inv_std], "x_hat")
+    g = dy if gamma is None else e.op("Mul", [dy, gamma], "g")
+    inner = e.op("Sub", [e.op("Sub", [g, average(g, "mean_g")], "g_centered"),
+                         e.op("Mul", [x_hat, average(e.op("Mul", [g, x_hat], "g_x_hat"), "mean_g_x_hat")],
+                              "projection")], "inner")
+    return e.op("Mul", [inner, inv_std], "dX"), x_hat
+
+
+@_rule("LayerNormalization")
+def layer_norm_grad(ctx, dys):
+    """Y = scale·X̂ + B over the axes from ``axis`` on: dX by `_normalization_backward`,
+    dscale = unbroadcast(dY·X̂), dB = unbroadcast(dY). Reuses the Mean/InvStdDev outputs when present."""
+    e, x, dy = ctx.e, ctx.inputs[0], dys[0]
+    if dy is None:
+        _refuse(ctx, "with a gradient into Mean or InvStdDev only")
+    rank = _rank(ctx, x)
+    axes = list(range(_norm_axis(ctx.attr("axis", -1), rank), rank))
+    scale, bias = ctx.inputs[1], _input(ctx, 2)
+    outputs = ctx.outputs
+    mean = outputs[1] if len(outputs) > 1 and outputs[1] is not None and outputs[1].name else None
+    inv_std = outputs[2] if len(outputs) > 2 and outputs[2] is not None and outputs[2].name else None
+    dx, x_hat = _normalization_backward(ctx, dy, axes, scale, float(ctx.attr("epsilon", 1e-5)), mean, inv_std)
+    dscale = unbroadcast(ctx, e.op("Mul", [dy, x_hat], "dY_x_hat"), scale, x.shape) if ctx.needs[1] else None
+    dbias = unbroadcast(ctx, dy, bias, x.shape) if bias is not None and ctx.needs[2] else None
+    return [dx, dscale, dbias]
+
+
+@_rule("InstanceNormalization")
+def instance_norm_grad(ctx, dys):
+    """Y = scale_c·X̂ + B_c, X̂ normalized over the spatial axes of each (n, c): dX by
+    `_normalization_backward`; dscale = Σ dY·X̂, dB = Σ dY over all but the channel axis."""
+    e, x, dy = ctx.e, ctx.inputs[0], dys[0]
+    rank = _rank(ctx, x)
+    channel = _ints(ctx, "channel", [-1] + [1] * (rank - 2))
+    scale = e.op("Reshape", [ctx.inputs[1], channel], "scale_c")
+    dx, x_hat = _normalization_backward(ctx, dy, list(range(2, rank)), scale, float(ctx.attr("epsilon", 1e-5)))
+    others = _ints(ctx, "others", [a for a in range(rank) if a != 1])
+    dscale = e.op("ReduceSum", [e.op("Mul", [dy, x_hat], "dY_x_hat"), others], "dscale", keepdims=0) \
+        if ctx.needs[1] else None
+    dbias = e.op("ReduceSum", [dy, others], "dbias", keepdims=0) if ctx.needs[2] else None
+    return [dx, dscale, dbias]
 
 
 @_rule("Cast", "CastLike")
