@@ -1001,11 +1001,11 @@ def _pool_geometry(ctx: GradContext):
 def max_pool_grad(ctx, dys):
     """Y = max over each window: dX = dY added at each window's (first) argmax.
 
-    The argmax comes from the node's Indices output, or from MaxPool recomputed with
-    Indices; onnxruntime's indices are flat over N·C·H·W, so the gradient is a 1-D
-    ScatterElements-add into zeros (opset ≥ 16). Below opset 16 (no reduction attribute):
-    a plain scatter when windows do not overlap, else col2im (one-hot window offsets
-    spread by a grouped ConvTranspose).
+    The argmax comes from the node's Indices output when it has one (then X need not be
+    kept for the backward), else from MaxPool recomputed with Indices; onnxruntime's
+    indices are flat over N·C·H·W, so the gradient is a 1-D ScatterElements-add into
+    zeros (opset ≥ 16). Below opset 16 (no reduction attribute): a plain scatter when
+    windows do not overlap, else col2im (`_max_pool_col2im`).
     """
     e, x, dy = ctx.e, ctx.inputs[0], dys[0]
     if dy is None:
@@ -1109,7 +1109,7 @@ def _average_pool_matrix(in_size, out_size, kernel, stride, dilation, begin, inc
 @_rule("AveragePool")
 def average_pool_grad(ctx, dys):
     """Y = window means: separable, so dX = A_hᵀ · dY · A_w with constant (out x in) averaging matrices
-    (divisor: in-image count, or the window clipped to the padded image for count_include_pad=1)."""
+    (divisors as onnxruntime's: `_average_pool_matrix`)."""
     in_sizes, out_sizes, kernel, strides, dilations, begins, _ = _pool_geometry(ctx)
     include_pad = bool(ctx.attr("count_include_pad", 0))
     rank = len(in_sizes) + 2
@@ -1199,8 +1199,8 @@ def matmul_grad(ctx, dys):
     a, b = ctx.inputs
     y = ctx.outputs[0]
     ra, rb = _rank(ctx, a), _rank(ctx, b)
-    a_dims, b_dims = _dims(a), _dims(b)
-    y_dims = _dims(y)
+    _rank(ctx, y, "with an output of unknown rank")
+    a_dims, b_dims, y_dims = _dims(a), _dims(b), _dims(y)
     da = db = None
     if ra == 1 and rb == 1:
         da = e.op("Mul", [dy, b], "dA") if ctx.needs[0] else None
