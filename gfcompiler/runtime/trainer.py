@@ -55,6 +55,8 @@ class Trainer:
     ``--backend onnx`` artifacts, a state .npz; default: the compiled initial one).
     ``lr``: the learning rate ``step`` uses unless given one.
     ``memory_arena=False`` turns onnxruntime's CPU arena off (for memory measurements).
+    ``profile_prefix`` turns onnxruntime's profiler on for the engine's sessions (not the
+    frozen prefix): each writes ``<profile_prefix>_<time>.json`` when it ends (gfc bench).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Trainer:
         lr: float = 1e-3,
         verify: bool = True,
         memory_arena: bool = True,
+        profile_prefix: str | None = None,
     ):
         self.artifacts = artifacts if isinstance(artifacts, Artifacts) else open_artifacts(artifacts, verify=verify)
         self.device = device if isinstance(device, devices.Device) else devices.select_device(device)
@@ -75,6 +78,9 @@ class Trainer:
         self.steps_taken = 0
         spinning = session_spinning(self.artifacts.two_stage)
         self._options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
+        if profile_prefix is not None:
+            self._options.enable_profiling = True
+            self._options.profile_file_prefix = str(profile_prefix)
         # The prefix gets options of its own: FrozenPrefix raises their optimization level.
         self._prefix_options = devices.session_options(threads, memory_arena=memory_arena, spinning=spinning)
         self.engine = create_engine(self.artifacts, self.device, self._options,
