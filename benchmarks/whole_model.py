@@ -3,9 +3,11 @@
 For each architecture (224x224 input, random seeded weights, legacy exporter, BN folded;
 exported by ``tests/models.torchvision_onnx`` with a dynamic batch that ``gfc bench`` fixes)
 and each number of trained layers (last 1, 2, 4 convs), runs the machinery of ``gfc bench``
-(`gfcompiler.bench.run_bench`): the exact baseline and r = 2, 4, 7, timed in interleaved
-rounds in one process, with the trained convs' backward from onnxruntime's profiler, the
-forward-only time of an optimized inference session, peak memory per variant in its own
+(`gfcompiler.bench.run_bench`): the exact baseline and r = 2, 4, 7, for one or both backends
+(``--backend``; default: ort-training and onnx where onnxruntime-training is installed),
+each step through `gfcompiler.runtime.Trainer`, timed in interleaved rounds in one process,
+with the trained convs' backward (and the onnx step model's optimizer) from onnxruntime's
+profiler, the forward-only time of an optimized inference session, peak memory per variant in its own
 process, and the manifest's held bytes (whole graph and trained convs) and backward MACs.
 
     python benchmarks/whole_model.py --threads 2 --wait-idle 600 --json whole_model.json \
@@ -50,10 +52,10 @@ def _peak(mem: dict) -> str:
 
 def summary_markdown(reports: list[tuple[str, int, dict]]) -> str:
     """One markdown table over every (architecture, layers) report; ratios are filtered/exact."""
-    header = ("model", "layers", "variant", "step ms (±IQR)", "×exact", "step/fwd", "trained bwd ms", "×exact",
-              "gf fwd ms", "optim ms", "step peak MiB (min–max)", "×exact", "held MiB", "×exact", "convs held MiB", "×exact",
+    header = ("model", "layers", "variant", "backend", "step ms (±IQR)", "×exact", "×ort", "step/fwd", "trained bwd ms",
+              "×exact", "gf fwd ms", "optim ms", "step peak MiB (min–max)", "×exact", "held MiB", "×exact", "convs held MiB", "×exact",
               "bwd MMAC", "×exact")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
     for arch, layers, report in reports:
         for row in report["variants"]:
             p, mem, st, ratios = row["profile"] or {}, row["memory"] or {}, row["static"], row["ratios"]
@@ -61,8 +63,9 @@ def summary_markdown(reports: list[tuple[str, int, dict]]) -> str:
             if row["patch"] and row["filtered_layers"] != row["trained_layers"]:
                 variant += f" ({row['filtered_layers']}/{row['trained_layers']} filtered)"
             lines.append("| " + " | ".join((
-                arch, str(layers), variant,
+                arch, str(layers), variant, row.get("backend", "ort-training"),
                 f"{row['step']['median_ms']:.1f} ±{row['step']['iqr_ms']:.1f}", _x(ratios["step"]),
+                _x(ratios.get("step_vs_ort_training")),
                 _x(row["step_over_forward"]),
                 _ms(p.get("trained_bwd")), _x(ratios["trained_bwd"]),
                 _ms(p.get("gf_fwd")) if row["patch"] else "-", _ms(row["optimizer"]),
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="mobilenet_v2,resnet18")
     parser.add_argument("--layers", default="1,2,4", help="numbers of trained (last) convs")
     parser.add_argument("--patch", default="2,4,7")
+    parser.add_argument("--backend", choices=bench.BACKEND_CHOICES, default=None,
+                        help="onnx, ort-training or both (default: both where onnxruntime-training is installed)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=60, help="interleaved timed rounds per configuration")
     parser.add_argument("--warmup", type=int, default=3)
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             options = bench.BenchOptions(
                 layers=layers, patches=bench.parse_patches(args.patch), batch=args.batch, repeats=args.repeats,
                 warmup=args.warmup, threads=args.threads, profile_steps=args.profile_steps, wait_idle=args.wait_idle,
-                memory_runs=args.memory_runs,
+                memory_runs=args.memory_runs, backend=args.backend,
             )
             idle_before = bench.wait_for_idle(args.wait_idle, 0.15, 3.0) if args.wait_idle else None
             report = bench.run_bench(model, options, progress)
