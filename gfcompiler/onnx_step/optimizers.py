@@ -15,6 +15,13 @@ multiply-add (``lerp``/``add`` with alpha may use FMA): a float32 ulp now and th
   torch does in Python, and rounded to float32 once, as torch rounds a Python
   scalar operand for a float32 kernel. Per parameter only full-tensor ops remain:
   AdamW 14 (13 without weight decay), SGD at most 6.
+* Every scalar that meets a full parameter tensor is shaped ``[1]*rank`` (the
+  parameter's rank): one ``Reshape`` of each computed scalar, one initializer of
+  each constant, per distinct rank, shared by the parameters of that rank (see
+  `_RankedScalars`). onnxruntime's CPU Mul/Add/Div of a tensor with trailing unit
+  dims (a 1×1 conv weight ``[1280, 320, 1, 1]``) and a ``[]`` or ``[1]`` operand takes
+  a per-element broadcast path, 50–100× slower than with a ``[1, 1, 1, 1]`` one.
+  Broadcasting is exact, so the shapes change nothing in the numerics.
 * torch.optim.SGD's first momentum step sets ``buf = g`` (a clone) instead of
   ``μ·buf + g``; here the momentum factor is a scalar ``Where(step == 1, 0, μ)``,
   which gives ``0·buf + g = g`` exactly provided the state enters step 1 finite
@@ -101,13 +108,16 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
         if wd != 0:
             decay = _f32(shared, shared.op("Sub", [one, shared.op("Mul", [lr64, shared.scalar("wd", wd, np.float64)], "lr_wd")],
                                            "decay_f64"), "decay")
-        # Python-float constants as torch's float32 kernels see them.
-        one_minus_beta1 = shared.scalar("one_minus_beta1", 1 - beta1)
-        beta2_32 = shared.scalar("beta2_f32", beta2)
-        one_minus_beta2 = shared.scalar("one_minus_beta2", 1 - beta2)
-        eps = shared.scalar("eps", ADAM_EPS)
+        # Python-float constants (as torch's float32 kernels see them) and the step's scalars, at each rank.
+        scalars = _RankedScalars(shared, {"one_minus_beta1": 1 - beta1, "beta2_f32": beta2, "one_minus_beta2": 1 - beta2,
+                                          "eps": ADAM_EPS, "decay": decay, "bias_correction2_sqrt": bc2_sqrt,
+                                          "neg_step_size": neg_step_size})
         for name, p in params.items():
             pe = _child(e, f"{name}/adamw")
+            s = scalars.at(_rank(p))
+            one_minus_beta1, beta2_32, one_minus_beta2, eps = (s["one_minus_beta1"], s["beta2_f32"], s["one_minus_beta2"],
+                                                               s["eps"])
+            decay, bc2_sqrt, neg_step_size = s["decay"], s["bias_correction2_sqrt"], s["neg_step_size"]
             g, m, v = grads[name], state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
             if decay is not None:
                 p = pe.op("Mul", [p, decay], "decayed")  # param.mul_(1 - lr*wd)
@@ -127,14 +137,16 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
 
     # SGD (dampening 0, nesterov False): g += wd·p; buf = μ·buf + g (buf = g on step 1); p += (−lr)·buf.
     neg_lr = _f32(shared, shared.op("Neg", [lr64], "neg_lr_f64"), "neg_lr")
-    wd32 = shared.scalar("wd", wd) if wd != 0 else None
     momentum = None
     if kinds:
         first = shared.op("Equal", [step, shared.scalar("one", 1.0)], "first_step")
         momentum = shared.op("Where", [first, shared.scalar("zero", 0.0), shared.scalar("momentum_f32", spec.momentum)],
                              "momentum")
+    scalars = _RankedScalars(shared, {"neg_lr": neg_lr, "wd": wd if wd != 0 else None, "momentum": momentum})
     for name, p in params.items():
         pe = _child(e, f"{name}/sgd")
+        s = scalars.at(_rank(p))
+        wd32, momentum, neg_lr = s["wd"], s["momentum"], s["neg_lr"]
         g = grads[name]
         if wd32 is not None:
             g = pe.op("Add", [g, pe.op("Mul", [p, wd32], "p_wd")], "grad_decayed")  # grad.add(param, alpha=wd)
@@ -144,6 +156,43 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
             new_state[slot] = _like(g, params[name])
         new_params[name] = _like(pe.op("Add", [p, pe.op("Mul", [g, neg_lr], "delta")], "param"), params[name])
     return new_params, new_state
+
+
+class _RankedScalars:
+    """The optimizer's shared scalars, each shaped ``[1]*rank`` for the parameters of one rank.
+
+    ``scalars`` maps a name to a float (a float32 constant), a float32 scalar value of
+    the graph (computed per step) or None (absent). `at` gives them at ``rank``: the
+    constants as initializers of that shape, the computed values through one
+    ``Reshape`` each, made on first use of a rank and shared by every later parameter
+    of it (rank None, unknown: the ``[]`` scalars themselves).
+    """
+
+    def __init__(self, e: Emitter, scalars: dict[str, float | ir.Value | None]) -> None:
+        self.e = e
+        self.scalars = scalars
+        self.ranks: dict[int | None, dict[str, ir.Value | None]] = {}
+
+    def at(self, rank: int | None) -> dict[str, ir.Value | None]:
+        if rank not in self.ranks:
+            shape = None if rank is None else [1] * rank
+            suffix = "" if rank is None else f"_rank{rank}"
+            target = None if rank in (None, 0) else self.e.ints(f"scalar_shape{suffix}", shape)
+            ranked: dict[str, ir.Value | None] = {}
+            for name, value in self.scalars.items():
+                if value is None:
+                    ranked[name] = None
+                elif not isinstance(value, ir.Value):
+                    array = np.asarray(value, dtype=np.float32)
+                    ranked[name] = self.e.const(f"{name}{suffix}", array if shape is None else array.reshape(shape))
+                else:
+                    ranked[name] = value if target is None else self.e.op("Reshape", [value, target], f"{name}{suffix}")
+            self.ranks[rank] = ranked
+        return self.ranks[rank]
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
 
 
 def _child(e: Emitter, name: str) -> Emitter:
