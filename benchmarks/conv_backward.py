@@ -129,29 +129,53 @@ def _pad(e: Emitter, v: ir.Value, pads, name: str) -> ir.Value:
     return e.op("Pad", [v, e.ints(f"{name}_pads", [0, 0, top, left, 0, 0, bottom, right])], name) if any(pads) else v
 
 
-def dw_conv_spec(e, dy, x, w, conv):
-    """SPEC's starting point: dW = Conv(Xᵀ, dYᵀ), Xᵀ cig×(g·N)×H×W, dYᵀ Co×N×Ho×Wo as the kernel,
-    strides and dilations swapped, group g; cig×Co×kh×kw transposed back."""
-    g, cig, h, wd = conv.group, conv.in_per_group, conv.height, conv.width
+def dw_depthwise_mul(e, dy, x, w, conv):
+    """One input channel per group (Co = m·g): dW[g·m + j, 0, tap] = Σ_{n,h,w} dY · window(tap),
+    a Mul and a ReduceSum per tap.
+
+    Stride 1: the windows are contiguous runs of the flattened padded X (offset
+    i·d·Wp + j·d) against dY laid out on the padded width (zeros in the Wp - Wo extra
+    columns), which onnxruntime slices much faster than 2-D windows of short rows.
+    """
+    g, m = conv.group, conv.out_per_group
+    (kh, kw), (d0, d1), (s0, s1) = conv.kernel, conv.dilations, conv.strides
+    top, left, bottom, right = conv.pads
     ho, wo = conv.out_height, conv.out_width
-    if g == 1:
-        xt = e.op("Transpose", [x], "Xt", perm=[1, 0, 2, 3])
+    flat = conv.strides == (1, 1)
+    wp = conv.width + left + right
+    extra_rows = -(-((kw - 1) * d1) // wp) if flat else 0  # room for the last windows' overhang
+    xp = x
+    if any(conv.pads) or extra_rows:
+        xp = e.op("Pad", [x, e.ints("X_pads", [0, 0, top, left, 0, 0, bottom + extra_rows, right])], "X_pad")
+    if flat:
+        if wp > wo:
+            dy = e.op("Pad", [dy, e.ints("dY_wide_pads", [0, 0, 0, 0, 0, 0, 0, wp - wo])], "dY_wide")
+        xp = e.op("Reshape", [xp, e.ints("X_flat_shape", [0, g, 1, -1] if m > 1 else [0, g, -1])], "X_flat")
+        dy = e.op("Reshape", [dy, e.ints("dY_flat_shape", [0, g, m, -1] if m > 1 else [0, g, -1])], "dY_flat")
+        spatial = [3] if m > 1 else [2]
     else:
-        x5 = e.op("Reshape", [x, e.ints("X_groups_shape", [-1, g, cig, h, wd])], "X_groups")
-        x5 = e.op("Transpose", [x5], "Xt_groups", perm=[2, 1, 0, 3, 4])
-        xt = e.op("Reshape", [x5, e.ints("Xt_shape", [cig, -1, h, wd])], "Xt")
-    dyt = e.op("Transpose", [dy], "dYt", perm=[1, 0, 2, 3])
-    pads, taps = [], []
-    for axis, (size, out, k, s, d) in enumerate(zip((h, wd), (ho, wo), conv.kernel, conv.strides, conv.dilations)):
-        begin, end = conv.pads[axis], conv.pads[axis + 2]
-        end = max(min(end, (k - 1) * d + (out - 1) * s + 1 - size - begin), 0)  # no taps past kh/kw
-        pads.append((begin, end))
-        taps.append((size + begin + end - (out - 1) * s - 1) // d + 1)
-    r = e.op("Conv", [xt, dyt], "dW_conv", kernel_shape=[ho, wo], strides=list(conv.dilations),
-             dilations=list(conv.strides), pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]], group=g)
-    if tuple(taps) != conv.kernel:
-        r = e.op("Slice", [r, e.ints("z", [0, 0]), e.ints("k", list(conv.kernel)), e.ints("a", [2, 3])], "dW_taps")
-    return e.op("Transpose", [r], "dW", perm=[1, 0, 2, 3])
+        if m > 1:  # N × g × 1 × h × w windows against N × g × m × Ho × Wo
+            xp = e.op("Unsqueeze", [xp, e.ints("X_group_axis", [2])], "X_groups")
+            dy = e.op("Reshape", [dy, e.ints("dY_groups_shape", [0, g, m, ho, wo])], "dY_groups")
+        spatial = [3, 4] if m > 1 else [2, 3]
+    axes, sum_axes = e.ints("X_win_axes", spatial), e.ints("tap_sum_axes", [0, *spatial])
+    column = e.ints("tap_axis", [-1])
+    steps = None if flat else e.ints("X_win_steps", [s0, s1])
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            if flat:
+                start = [i * d0 * wp + j * d1]
+                end = [start[0] + ho * wp]
+            else:
+                start = [i * d0, j * d1]
+                end = [start[0] + (ho - 1) * s0 + 1, start[1] + (wo - 1) * s1 + 1]
+            inputs = [xp, e.ints("X_win_start", start), e.ints("X_win_end", end), axes] + ([steps] if steps else [])
+            window = e.op("Slice", inputs, "X_win")
+            total = e.op("ReduceSum", [e.op("Mul", [window, dy], "dW_tap_prod"), sum_axes], "dW_tap", keepdims=0)
+            taps.append(e.op("Unsqueeze", [total, column], "dW_tap_col"))
+    dw = taps[0] if len(taps) == 1 else e.op("Concat", taps, "dW_taps", axis=-1)
+    return e.op("Reshape", [dw, e.ints("dW_shape", list(conv.weight_shape))], "dW")
 
 
 def dw_depthwise_stacked(e, dy, x, w, conv):
@@ -198,7 +222,7 @@ def alternatives(conv: ConvAttrs) -> dict[str, tuple[int, Callable]]:
         out["dX:conv-flipped"] = (0, lambda e, dy, x, w, c: cb._input_grad_flipped_conv(e, dy, w, c))
         if conv.is_depthwise:
             out["dX:depthwise-taps"] = (0, dx_depthwise_taps)
-    out["dW:conv-spec"] = (1, dw_conv_spec)
+    out["dW:conv"] = (1, lambda e, dy, x, w, c: cb._weight_grad_conv(e, dy, x, c))
     shiftable = [a for a in (0, 1) if conv.strides[a] == 1 and conv.kernel[a] > 1]
     for side in ("dY", "X"):
         out[f"dW:gemm-A{side}"] = (1, dw_gemm((), side))
@@ -207,7 +231,7 @@ def alternatives(conv: ConvAttrs) -> dict[str, tuple[int, Callable]]:
         if len(shiftable) == 2:
             out[f"dW:gemm-shift-both-A{side}"] = (1, dw_gemm(tuple(shiftable), side))
     if conv.in_per_group == 1:
-        out["dW:depthwise"] = (1, lambda e, dy, x, w, c: cb._weight_grad_depthwise(e, dy, x, c))
+        out["dW:depthwise-mul"] = (1, dw_depthwise_mul)
     if conv.is_depthwise:
         out["dW:depthwise-stacked"] = (1, dw_depthwise_stacked)
     return out

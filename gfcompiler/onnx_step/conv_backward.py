@@ -17,9 +17,9 @@ reasons are in the function docstrings, ``benchmarks/conv_backward.py`` re-measu
   the padded X (cig·kh·kw × N·Ho·Wo, batched over groups), as onnxruntime runs that
   GEMM shape fastest and the product needs no transpose (onnxruntime's Transpose is
   slow); on large maps the kw column taps come from kw shifted copies of dY instead
-  of kh·kw windows of X, which moves less memory. One input channel per group (depthwise, with or without a
-  channel multiplier): a ``Mul`` and ``ReduceSum`` per tap, as a GEMM per group
-  would be a tiny GEMV.
+  of kh·kw windows of X, which moves less memory. One input channel per group
+  (depthwise, with or without a channel multiplier): one grouped ``Conv(Xᵀ, dYᵀ)``
+  with dY as the kernel, as a GEMM per group would be a tiny GEMV.
 * dB: ``ReduceSum`` of dY over batch and space.
 
 2-D convs are the main case; a 1-D conv is handled as a 2-D conv of height 1.
@@ -249,12 +249,13 @@ def _flipped_weight(e: Emitter, w: ir.Value, conv: ConvAttrs) -> ir.Value:
 
 
 def _weight_grad(e: Emitter, dy: ir.Value, x: ir.Value, conv: ConvAttrs) -> ir.Value:
-    """dW: per tap a Mul and ReduceSum when each group has one input channel (depthwise,
-    with or without a channel multiplier: a MatMul per group would be a tiny GEMV);
-    otherwise one MatMul of stacked windows (`_weight_grad_gemm`), with the column taps
-    taken from shifted copies of dY when that moves less memory than it adds MACs."""
+    """dW: one grouped Conv (`_weight_grad_conv`) when each group has one input channel
+    (depthwise, with or without a channel multiplier), where a MatMul per group would
+    be a tiny GEMV and a Mul/ReduceSum per tap as fast but many more ops; otherwise one
+    MatMul of stacked windows (`_weight_grad_gemm`), with the column taps taken from
+    shifted copies of dY when that moves less memory than it adds MACs."""
     if conv.in_per_group == 1 and conv.kernel != (1, 1):
-        return _weight_grad_depthwise(e, dy, x, conv)
+        return _weight_grad_conv(e, dy, x, conv)
     return _weight_grad_gemm(e, dy, x, conv, (1,) if _shift_columns_pays(conv) else ())
 
 
@@ -354,53 +355,39 @@ def _weight_grad_gemm(e: Emitter, dy: ir.Value, x: ir.Value, conv: ConvAttrs, sh
     return e.op("Reshape", [prod, e.ints("dW_shape", list(conv.weight_shape))], "dW")
 
 
-def _weight_grad_depthwise(e: Emitter, dy: ir.Value, x: ir.Value, conv: ConvAttrs) -> ir.Value:
-    """One input channel per group (Co = m·g): dW[g·m + j, 0, tap] = Σ_{n,h,w} dY · window(tap),
-    a Mul and a ReduceSum per tap.
+def _weight_grad_conv(e: Emitter, dy: ir.Value, x: ir.Value, conv: ConvAttrs) -> ir.Value:
+    """dW = Conv(Xᵀ, dYᵀ): Xᵀ is cig × (g·N) × H × W, dYᵀ Co × N × Ho × Wo (the kernel), group g.
 
-    Stride 1: the windows are contiguous runs of the flattened padded X (offset
-    i·d·Wp + j·d) against dY laid out on the padded width (zeros in the Wp - Wo extra
-    columns), which onnxruntime slices much faster than 2-D windows of short rows.
+    Each group of that conv correlates the group's N-channel X images with its
+    output channels' dY: the conv's strides become dilations and its dilations
+    strides, its pads stay (the end pad trimmed so no taps past kh × kw are computed).
+    The result is cig × Co × kh × kw.
     """
-    g, m = conv.group, conv.out_per_group
-    (kh, kw), (d0, d1), (s0, s1) = conv.kernel, conv.dilations, conv.strides
-    top, left, bottom, right = conv.pads
+    g, cig, h, wd = conv.group, conv.in_per_group, conv.height, conv.width
     ho, wo = conv.out_height, conv.out_width
-    flat = conv.strides == (1, 1)
-    wp = conv.width + left + right
-    extra_rows = -(-((kw - 1) * d1) // wp) if flat else 0  # room for the last windows' overhang
-    xp = x
-    if any(conv.pads) or extra_rows:
-        xp = e.op("Pad", [x, e.ints("X_pads", [0, 0, top, left, 0, 0, bottom + extra_rows, right])], "X_pad")
-    if flat:
-        if wp > wo:
-            dy = e.op("Pad", [dy, e.ints("dY_wide_pads", [0, 0, 0, 0, 0, 0, 0, wp - wo])], "dY_wide")
-        xp = e.op("Reshape", [xp, e.ints("X_flat_shape", [0, g, 1, -1] if m > 1 else [0, g, -1])], "X_flat")
-        dy = e.op("Reshape", [dy, e.ints("dY_flat_shape", [0, g, m, -1] if m > 1 else [0, g, -1])], "dY_flat")
-        spatial = [3] if m > 1 else [2]
+    if g == 1 or cig == 1:
+        xt = _batch_to_channels(e, x, conv.batch, (conv.in_channels, h, wd), "Xt")
+        if g > 1:
+            xt = e.op("Reshape", [xt, e.ints("Xt_groups_shape", [1, -1, h, wd])], "Xt_groups")
     else:
-        if m > 1:  # N × g × 1 × h × w windows against N × g × m × Ho × Wo
-            xp = e.op("Unsqueeze", [xp, e.ints("X_group_axis", [2])], "X_groups")
-            dy = e.op("Reshape", [dy, e.ints("dY_groups_shape", [0, g, m, ho, wo])], "dY_groups")
-        spatial = [3, 4] if m > 1 else [2, 3]
-    axes, sum_axes = e.ints("X_win_axes", spatial), e.ints("tap_sum_axes", [0, *spatial])
-    column = e.ints("tap_axis", [-1])
-    steps = None if flat else e.ints("X_win_steps", [s0, s1])
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            if flat:
-                start = [i * d0 * wp + j * d1]
-                end = [start[0] + ho * wp]
-            else:
-                start = [i * d0, j * d1]
-                end = [start[0] + (ho - 1) * s0 + 1, start[1] + (wo - 1) * s1 + 1]
-            inputs = [xp, e.ints("X_win_start", start), e.ints("X_win_end", end), axes] + ([steps] if steps else [])
-            window = e.op("Slice", inputs, "X_win")
-            total = e.op("ReduceSum", [e.op("Mul", [window, dy], "dW_tap_prod"), sum_axes], "dW_tap", keepdims=0)
-            taps.append(e.op("Unsqueeze", [total, column], "dW_tap_col"))
-    dw = taps[0] if len(taps) == 1 else e.op("Concat", taps, "dW_taps", axis=-1)
-    return e.op("Reshape", [dw, e.ints("dW_shape", list(conv.weight_shape))], "dW")
+        xt = e.op("Reshape", [x, e.ints("X_groups_shape", [-1, g, cig, h, wd])], "X_groups")
+        xt = e.op("Transpose", [xt], "Xt_groups", perm=[2, 1, 0, 3, 4])
+        xt = e.op("Reshape", [xt, e.ints("Xt_shape", [cig, -1, h, wd])], "Xt")
+    dyt = _batch_to_channels(e, dy, conv.batch, (conv.out_channels, ho, wo), "dYt")
+    pads, taps = [0, 0, 0, 0], []
+    for a, (size, out, k, s, d) in enumerate(zip((h, wd), (ho, wo), conv.kernel, conv.strides, conv.dilations)):
+        begin = conv.pads[a]
+        end = max(min(conv.pads[a + 2], (k - 1) * d + (out - 1) * s + 1 - size - begin), 0)
+        pads[a], pads[a + 2] = begin, end
+        taps.append((size + begin + end - (out - 1) * s - 1) // d + 1)
+    r = e.op("Conv", [xt, dyt], "dW_conv", kernel_shape=[ho, wo], strides=list(conv.dilations),
+             dilations=list(conv.strides), pads=pads, group=g)
+    if tuple(taps) != conv.kernel:  # the end pad could not be trimmed (it was already 0)
+        r = e.op("Slice", [r, e.ints("dW_taps_start", [0, 0]), e.ints("dW_taps_end", list(conv.kernel)),
+                           e.ints("dW_taps_axes", [2, 3])], "dW_taps")
+    if cig == 1:
+        return e.op("Reshape", [r, e.ints("dW_shape", list(conv.weight_shape))], "dW")
+    return e.op("Transpose", [r], "dW", perm=[1, 0, 2, 3])
 
 
 def _is_matrix_transpose(axes: list, want: list) -> bool:
