@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import torchref
+from onnx_step_run import step_gradients
 from gfcompiler.driver import CompileOptions, compile_model
 from gfcompiler.errors import GfcError
 
@@ -99,6 +100,17 @@ class Net(nn.Module):
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(random_cnn())
 def test_random_cnn_compiles_with_reference_gradients_or_refuses(case):
+    check_random_cnn(case, "ort-training", tolerance=5e-3)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(random_cnn())
+def test_random_cnn_onnx_backend_gradients_or_refuses(case):
+    """The compiler's own backward (``--backend onnx``): within float32 rounding of the reference."""
+    check_random_cnn(case, "onnx", tolerance=1e-4)
+
+
+def check_random_cnn(case, backend: str, tolerance: float) -> None:
     blocks, in_channels, channels, layers, patch, seed = case
     if not blocks:
         event("no block fits")
@@ -113,7 +125,8 @@ def test_random_cnn_compiles_with_reference_gradients_or_refuses(case):
         torch.onnx.export(fused, torch.randn(*x_shape), str(tmp / "m.onnx"), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"])
         try:
-            manifest = compile_model(tmp / "m.onnx", tmp / "out", CompileOptions(layers=layers, patch=patch))
+            manifest = compile_model(tmp / "m.onnx", tmp / "out", CompileOptions(
+                layers=layers, patch=patch, backend=backend, gradient_outputs=backend == "onnx"))
         except GfcError as error:
             message = str(error)
             assert "\n" not in message and message, message
@@ -122,7 +135,10 @@ def test_random_cnn_compiles_with_reference_gradients_or_refuses(case):
         rng = np.random.default_rng(seed)
         x = rng.standard_normal(x_shape).astype(np.float32)
         y = rng.integers(0, 5, 2).astype(np.int64)
-        _, grads, values = torchref.ort_gradients(tmp / "out", x, y)
+        if backend == "onnx":
+            _, grads, values = step_gradients(tmp / "out", x, y)
+        else:
+            _, grads, values = torchref.ort_gradients(tmp / "out", x, y)
     reference = torchref.fused(model)
     names = torchref.conv_modules_in_order(reference)
     filtered_layers = {layer["name"] for layer in manifest["layers"] if layer["backward"] == "filtered"}
@@ -134,5 +150,5 @@ def test_random_cnn_compiles_with_reference_gradients_or_refuses(case):
     expected = torchref.match_by_value(values, pairs)
     for name, grad in grads.items():
         error = np.abs(grad - expected[name]).max() / (np.abs(expected[name]).max() + 1e-6)
-        assert error < 5e-3, (name, error, manifest["layers"])
+        assert error < tolerance, (name, error, manifest["layers"])
     event(f"compared: {len(blocks)} blocks, {len(to_filter)} filtered of {layers} trained")

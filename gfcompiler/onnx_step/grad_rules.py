@@ -13,8 +13,8 @@ as default-domain ops through ``ctx.e`` (see `rules_api` for the contract). Conv
 * Shapes: static where the forward graph's shape inference knows them (spatial sizes
   are), dynamic ``Shape`` ops otherwise (a symbolic batch ``N``).
 * Ties and kinks follow torch: MaxPool/GlobalMaxPool route to the first maximum, Max/Min
-  split ties evenly (torch.maximum), Clip passes where ``min <= x <= max`` (torch.clamp;
-  torch's hardtanh/relu6 exclude the bounds), HardSigmoid/HardSwish use torch's bounds.
+  split ties evenly (torch.maximum), Clip passes where ``min < x < max`` (torch's hardtanh/relu6,
+  which exporters turn into Clip; torch.clamp would include the bounds), HardSigmoid/HardSwish use torch's bounds.
 * Linear spatial resampling (Resize nearest/linear, AveragePool) is exact: per resized
   axis a constant matrix ``M`` (out x in) mirroring onnxruntime's coordinate arithmetic in
   float32 (and its AveragePool divisors), and ``dX = M_hᵀ · dY · M_w`` as MatMuls. The
@@ -526,7 +526,8 @@ def tanh_grad(ctx, dys):
 
 @_rule("Clip")
 def clip_grad(ctx, dys):
-    """Y = clamp(X, min, max): dX = dY where min <= X <= max (torch.clamp's convention, bounds included);
+    """Y = clamp(X, min, max): dX = dY where min < X < max (torch's relu6/hardtanh, the sources of Clip in
+    exported CNNs: a ReLU6 input of exactly 0, e.g. a bias-free conv over zero padding, passes no gradient);
     dmin = dY where X < min, dmax = dY where X > max."""
     e = ctx.e
     x = ctx.inputs[0]
@@ -537,9 +538,9 @@ def clip_grad(ctx, dys):
         high = _scalar(ctx, "max", ctx.attr("max"))
     conditions = []
     if low is not None:
-        conditions.append(e.op("GreaterOrEqual", [x, low], "above_min"))
+        conditions.append(e.op("Greater", [x, low], "above_min"))
     if high is not None:
-        conditions.append(e.op("LessOrEqual", [x, high], "below_max"))
+        conditions.append(e.op("Less", [x, high], "below_max"))
     grads: Grads = [None, None, None]
     if ctx.needs[0]:
         if not conditions:
