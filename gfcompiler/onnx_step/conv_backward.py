@@ -262,18 +262,21 @@ def _weight_grad(e: Emitter, dy: ir.Value, x: ir.Value, conv: ConvAttrs) -> ir.V
 def _shift_columns_pays(conv: ConvAttrs) -> bool:
     """Does taking the kw column taps from dY (stride 1) beat kh·kw windows of X?
 
-    Memory moved (the X windows are sliced, concatenated and packed as MatMul's B; the
-    dY shifts padded and concatenated) against the MACs the wider rows add, at
-    ≈30 MACs per float moved (onnxruntime CPU, copies single-threaded).
+    Floats moved (the X windows are sliced, concatenated and packed as MatMul's B;
+    the dY shifts padded and concatenated; the product then needs a Transpose, which
+    in onnxruntime costs about 6 copies per float) against the MACs the wider rows
+    add, at ≈30 MACs per float moved (onnxruntime CPU, copies single-threaded). A
+    dynamic batch counts as 1.
     """
     kh, kw = conv.kernel
     if conv.strides[1] != 1 or kw == 1:
         return False
-    ho, wo = conv.out_height, conv.out_width
+    n, ho, wo = conv.batch or 1, conv.out_height, conv.out_width
     wp = conv.width + conv.pads[1] + conv.pads[3]
-    moved_windows = 3 * kh * kw * conv.in_channels * ho * wo
-    moved_shifted = 3 * kh * conv.in_channels * ho * wp + 2 * kw * conv.out_channels * ho * wp
-    extra_macs = conv.out_channels * conv.in_per_group * kh * kw * ho * (wp - wo)
+    weight = conv.out_channels * conv.in_per_group * kh * kw
+    moved_windows = 3 * kh * kw * conv.in_channels * n * ho * wo
+    moved_shifted = (3 * kh * conv.in_channels + 2 * kw * conv.out_channels) * n * ho * wp + 6 * weight
+    extra_macs = weight * n * ho * (wp - wo)
     return 30 * (moved_windows - moved_shifted) > extra_macs
 
 
