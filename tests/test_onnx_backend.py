@@ -81,7 +81,11 @@ def test_torchvision_last4_gradients(tmp_path, arch):
         manifest, _ = _compile_and_compare(model, tmp_path, (2, 3, 224, 224), 4, patch, classes=10)
         if patch:
             assert manifest["totals"]["filtered_layers"] == 4
-            assert manifest["totals"]["held_bytes"] < manifest["totals"]["held_bytes_exact"]
+            totals = manifest["totals"]
+            assert totals["held_bytes"] < totals["held_bytes_exact"]
+            # The filtered convs keep their X_sum (small, never zero) instead of X.
+            assert 0 < totals["trained_convs_held_bytes"] < totals["trained_convs_held_bytes_exact"] / 4
+            assert not totals["held_bytes_unknown"]
 
 
 @pytest.mark.parametrize("patch", [0, 4])

@@ -66,6 +66,7 @@ def build_loss(e: Emitter, kind: str, output: ir.Value, *, with_gradient: bool) 
     label = label_input(kind, output)
     if kind == "cross_entropy":
         loss, log_prob = e.ops("SoftmaxCrossEntropyLoss", [output, label], "cross_entropy", 2, reduction="mean")
+        log_prob.dtype, log_prob.shape = ir.DataType.FLOAT, output.shape
         loss = e.op("Identity", [loss], "loss")
         grad = None
         if with_gradient:

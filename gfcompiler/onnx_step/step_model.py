@@ -163,6 +163,8 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
         conv = convs[name]
         tape = ir.tape.Tape()
         x_sum, w_sum = filter_ops.build_forward_summaries(tape, conv.inputs[0], conv.inputs[1], geometry, f"{name}/gf")
+        batch = conv.inputs[0].shape[0] if conv.inputs[0].shape is not None else "N"
+        x_sum.dtype, x_sum.shape = ir.DataType.FLOAT, ir.Shape([batch, geometry.conv.in_channels, *geometry.patches])
         for initializer in tape.initializers:
             graph.register_initializer(initializer)
         graph.insert_before(conv, list(tape.nodes))
