@@ -50,7 +50,7 @@ def main() -> None:
             y = rng.integers(0, 10, args.batch).astype(np.int64)
             for patch in (0, 2, 4, 7):
                 out = tmp / f"r{patch}"
-                manifest = compile_model(tmp / "m.onnx", out, CompileOptions(layers=4, patch=patch))
+                manifest = compile_model(tmp / "m.onnx", out, CompileOptions(layers=4, patch=patch, backend="ort-training"))
                 _, grads, values = torchref.ort_gradients(out, x, y)
                 reference = copy.deepcopy(fused)
                 if patch:

@@ -66,7 +66,7 @@ def _compile_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compile",
         help="compile an ONNX CNN into gradient-filtered training artifacts",
-        description="Compile an ONNX CNN into onnxruntime-training artifacts whose trained convs use gradient filtering.\n\n" + SELECTION_HELP,
+        description="Compile an ONNX CNN into training artifacts whose trained convs use gradient filtering.\n\n" + SELECTION_HELP,
         epilog=EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,14 +84,15 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("--weight-decay", type=float, default=None, help="default 0.01 for adamw (decoupled), 0 for sgd (coupled)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
                         help="fix an input's shape (N may stay dynamic: N or ?); repeatable")
-    parser.add_argument("--backend", choices=["onnx", "ort-training"], default="ort-training",
-                        help="onnx: one standard-ONNX training step that plain onnxruntime (>= 1.20, any platform) "
-                             "runs; ort-training: onnxruntime-training 1.19.2 artifacts (x86-64, Python <= 3.12)")
+    parser.add_argument("--backend", choices=["onnx", "ort-training"], default="onnx",
+                        help="onnx (the default, as its artifacts run on any platform, so what a workstation "
+                             "compiles runs on the device): one standard-ONNX training step for plain onnxruntime "
+                             "(>= 1.20); ort-training: onnxruntime-training 1.19.2 artifacts (x86-64, Python <= 3.12)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--single-graph", action="store_true",
-                        help="keep the whole forward in the training graph; by default the frozen layers before the "
-                             "trained ones become a separate, fully optimized inference model (prefix_model.onnx) "
-                             "that the runtime runs first")
+                        help="with --backend ort-training, keep the whole forward in the training graph; by "
+                             "default the frozen layers before the trained ones become a separate, fully optimized "
+                             "inference model (prefix_model.onnx) that the runtime runs first")
     parser.add_argument("--no-forward-pooling", action="store_true",
                         help=argparse.SUPPRESS)  # diagnostics only: shows the memory the scheduling fix saves
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")

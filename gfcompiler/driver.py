@@ -58,7 +58,7 @@ class CompileOptions:
     preprocess: dict | None = None
     keep_softmax: bool = False  # cross_entropy: keep an output Softmax instead of training on its input
     single_graph: bool = False  # True: no frozen prefix model, the whole forward in the training graph
-    backend: str = "ort-training"  # or "onnx": one standard-ONNX step model for stock onnxruntime
+    backend: str = "onnx"  # standard-ONNX step model for stock onnxruntime; or "ort-training" (onnxruntime-training 1.19.2)
     gradient_outputs: bool = False  # onnx backend: the step model also outputs <param>.grad (verification)
 
 

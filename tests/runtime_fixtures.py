@@ -35,16 +35,20 @@ def build_cnn(path: Path, *, size: int = SIZE, channels=(8, 16, 16), classes: in
 
 @functools.lru_cache(maxsize=None)
 def compiled(layers: int | str = 2, patch: int = 0, batch: int | str = "N", loss: str = "cross_entropy",
-             optimizer: str = "adamw") -> Path:
-    """Artifacts of the test CNN, compiled once per session (treat as read-only)."""
+             optimizer: str = "adamw", backend: str | None = None) -> Path:
+    """Artifacts of the test CNN, compiled once per session (treat as read-only).
+
+    ``backend`` None: the compiler's default backend; "ort-training" for tests that need those artifacts.
+    """
     from gfcompiler.artifacts import OptimizerSpec
     from gfcompiler.driver import CompileOptions, compile_model
 
-    name = f"cnn-{layers}-{patch}-{batch}-{loss}-{optimizer}"
+    backend_options = {} if backend is None else {"backend": backend}
+    name = f"cnn-{layers}-{patch}-{batch}-{loss}-{optimizer}-{backend or 'default'}"
     source = build_cnn(_SESSION_DIR / f"{name}.onnx", batch=batch)
     out = _SESSION_DIR / name
     compile_model(source, out, CompileOptions(layers=layers, patch=patch, loss=loss,
-                                              optimizer=OptimizerSpec(name=optimizer)))
+                                              optimizer=OptimizerSpec(name=optimizer), **backend_options))
     return out
 
 

@@ -57,7 +57,8 @@ def test_weights_in_constant_nodes_compile_like_initializers(tmp_path):
     results = []
     x = np.random.default_rng(0).standard_normal((1, 20, 18, 3)).astype(np.float32)
     for name in ("init", "const"):
-        compile_model(tmp_path / f"{name}.onnx", tmp_path / f"out_{name}", CompileOptions(layers=2, patch=2))
+        compile_model(tmp_path / f"{name}.onnx", tmp_path / f"out_{name}",
+                      CompileOptions(layers=2, patch=2, backend="ort-training"))
         results.append(torchref.ort_gradients(tmp_path / f"out_{name}", x, np.array([1], np.int64)))
     (loss_a, grads_a, _), (loss_b, grads_b, _) = results
     assert loss_a == loss_b
@@ -71,7 +72,8 @@ def test_dynamic_spatial_dims_with_input_shape(tmp_path):
     model = torchref.fused(NhwcNet())
     torch.onnx.export(model, torch.randn(1, 20, 18, 3), str(tmp_path / "dyn.onnx"), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N", 1: "H", 2: "W"}})
-    options = CompileOptions(layers=2, patch=2, input_shapes=[InputShape.parse("input=N,20,18,3")])
+    options = CompileOptions(layers=2, patch=2, input_shapes=[InputShape.parse("input=N,20,18,3")],
+                             backend="ort-training")
     manifest = compile_model(tmp_path / "dyn.onnx", tmp_path / "out", options)
     assert manifest["inputs"][0]["shape"] == [None, 20, 18, 3]
     assert manifest["totals"]["filtered_layers"] == 2
@@ -83,7 +85,8 @@ def test_1d_convs_keep_the_exact_backward_with_a_reason(tmp_path):
     model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 14, 3)).eval()
     torch.onnx.export(model, torch.randn(1, 2, 16), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"])
-    manifest = compile_model(tmp_path / "m.onnx", tmp_path / "out", CompileOptions(layers=2, patch=2))
+    manifest = compile_model(tmp_path / "m.onnx", tmp_path / "out",
+                             CompileOptions(layers=2, patch=2, backend="ort-training"))
     for layer in manifest["layers"]:
         assert layer["backward"] == "exact" and layer["reason"] == "1-D convolution (only 2-D convs are filtered)"
     loss, grads, _ = torchref.ort_gradients(tmp_path / "out", np.ones((1, 2, 16), np.float32), np.zeros(1, np.int64))

@@ -40,7 +40,8 @@ def variants(tmp_path_factory):
     for name, patch, pooling in (("exact", 0, True), ("filtered", 4, True), ("lazy_pooling", 4, False)):
         # One training graph: the probe measures what that graph keeps alive, with X made inside it
         # (two-stage artifacts would get X from the prefix; tests/test_two_stage.py covers their accounting).
-        options = CompileOptions(layers=1, patch=patch, force_forward_pooling=pooling, single_graph=True)
+        options = CompileOptions(layers=1, patch=patch, force_forward_pooling=pooling, single_graph=True,
+                                 backend="ort-training")
         manifests[name] = (tmp / name, compile_model(tmp / "m.onnx", tmp / name, options))
     return manifests
 

@@ -25,7 +25,7 @@ def batch():
 
 def _compile(model, directory, momentum: float, weight_decay: float) -> dict:
     spec = OptimizerSpec(name="sgd", momentum=momentum, weight_decay=weight_decay)
-    return compile_model(model, directory, CompileOptions(layers=2, patch=2, optimizer=spec))
+    return compile_model(model, directory, CompileOptions(layers=2, patch=2, optimizer=spec, backend="ort-training"))
 
 
 def test_coupled_weight_decay_is_added_to_the_gradients(small_cnn, tmp_path, batch):

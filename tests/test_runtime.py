@@ -42,7 +42,7 @@ def test_training_on_digits_learns(tmp_path):
 
 def test_step_api_and_lr_multiplier(tmp_path):
     """Trainer.step on raw arrays; SGD with momentum gets lr * 1/(1-momentum) from the manifest."""
-    artifacts = compiled(optimizer="sgd")
+    artifacts = compiled(optimizer="sgd", backend="ort-training")
     trainer = Trainer(artifacts, device="cpu", lr=0.05)
     assert trainer.lr_multiplier == pytest.approx(10.0)
     x = load_dataset("builtin:digits", trainer.artifacts).x[:64]

@@ -185,7 +185,7 @@ def _artifacts(backend: str):
         pytest.skip("ort-training artifacts need onnxruntime-training")
     from runtime_fixtures import compiled
 
-    return compiled()
+    return compiled(backend="ort-training")
 
 
 @pytest.mark.cuda

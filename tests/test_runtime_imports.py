@@ -73,7 +73,7 @@ def _run(tmp_path, block: bool) -> subprocess.CompletedProcess:
     script = SCRIPT.format(blocked=BLOCKED, block=block)
     data = digits_npz(tmp_path / "digits.npz", n=200)
     return subprocess.run(
-        [sys.executable, "-c", script, str(compiled()), str(data), str(tmp_path)],
+        [sys.executable, "-c", script, str(compiled(backend="ort-training")), str(data), str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )
 

@@ -97,7 +97,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_damaged_checkpoint_and_record(tmp_path, capsys):
-    artifacts = fresh_copy(tmp_path)
+    artifacts = fresh_copy(tmp_path, backend="ort-training")  # the last check: onnxruntime-training's checkpoint format
     data = digits_npz(tmp_path / "d.npz", n=64)
     result = train(artifacts, data, epochs=1, device="cpu", progress=quiet)
     checkpoint = result.checkpoint.path
@@ -127,7 +127,7 @@ def test_checkpoint_of_other_artifacts_is_refused(tmp_path):
 
 
 def test_edited_missing_and_foreign_artifacts(tmp_path):
-    artifacts = fresh_copy(tmp_path)
+    artifacts = fresh_copy(tmp_path, backend="ort-training")
     manifest = json.loads((artifacts / "manifest.json").read_text())
 
     with open(artifacts / "eval_model.onnx", "ab") as f:

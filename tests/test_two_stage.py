@@ -37,6 +37,7 @@ def _batch(seed: int = 0, channels: int = 1):
 
 
 def _compile_both(model, tmp_path, **options):
+    options = {"backend": "ort-training", **options}  # two-stage and single-graph are forms of ort-training artifacts
     two = compile_model(model, tmp_path / "two", CompileOptions(**options))
     one = compile_model(model, tmp_path / "one", CompileOptions(single_graph=True, **options))
     return two, one
@@ -138,14 +139,15 @@ def test_the_data_input_can_cross(tmp_path):
 
 
 def test_nothing_frozen_before_the_trained_layers_stays_single_graph(residual_model, tmp_path):
-    manifest = compile_model(residual_model, tmp_path / "all", CompileOptions(layers="all", patch=2))
+    manifest = compile_model(residual_model, tmp_path / "all", CompileOptions(layers="all", patch=2, backend="ort-training"))
     assert manifest["form"] == "single_graph" and "no frozen prefix" in manifest["single_graph_reason"]
     assert "boundary" not in manifest and "prefix_model" not in manifest["files"]
 
 
 def test_cli_single_graph_flag_and_inspect(residual_model, tmp_path, capsys):
-    assert gfc(["compile", str(residual_model), "-o", str(tmp_path / "two"), "--layers", "2", "-q"]) == 0
-    assert gfc(["compile", str(residual_model), "-o", str(tmp_path / "one"), "--layers", "2", "--single-graph", "-q"]) == 0
+    common = ["--layers", "2", "--backend", "ort-training", "-q"]
+    assert gfc(["compile", str(residual_model), "-o", str(tmp_path / "two"), *common]) == 0
+    assert gfc(["compile", str(residual_model), "-o", str(tmp_path / "one"), "--single-graph", *common]) == 0
     assert json.loads((tmp_path / "one" / "manifest.json").read_text())["form"] == "single_graph"
     capsys.readouterr()
     assert gfc(["inspect", str(tmp_path / "two")]) == 0

@@ -32,7 +32,7 @@ def assert_gradients_match(model: torch.nn.Module, tmp_path, input_shape, layers
     reference_model = torchref.fused(model)
     export(reference_model, tmp_path / "model.onnx", input_shape)
     out = tmp_path / f"out_{layers}_{patch}"
-    manifest = compile_model(tmp_path / "model.onnx", out, CompileOptions(layers=layers, patch=patch))
+    manifest = compile_model(tmp_path / "model.onnx", out, CompileOptions(layers=layers, patch=patch, backend="ort-training"))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(input_shape).astype(np.float32)
     labels = rng.integers(0, classes, input_shape[0]).astype(np.int64)
@@ -88,7 +88,7 @@ def test_training_step_lowers_loss(tmp_path):
     model = torchref.fused(SmallNet())
     export(model, tmp_path / "model.onnx", (8, 3, 32, 32))
     out = tmp_path / "out"
-    compile_model(tmp_path / "model.onnx", out, CompileOptions(layers=3, patch=2))
+    compile_model(tmp_path / "model.onnx", out, CompileOptions(layers=3, patch=2, backend="ort-training"))
     api = ort_training.api()
     state = api.CheckpointState.load_checkpoint(str(out / "checkpoint"))
     module = api.Module(str(out / "training_model.onnx"), state, str(out / "eval_model.onnx"), device="cpu")
@@ -133,6 +133,6 @@ def test_unused_maxpool_indices_are_dropped(tmp_path):
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
     export(model, tmp_path / "m.onnx", (1, 3, 16, 16))
     # Single graph: two-stage artifacts run the frozen pool in the prefix's inference session.
-    compile_model(tmp_path / "m.onnx", tmp_path / "out", CompileOptions(layers=1, patch=2, single_graph=True))
+    compile_model(tmp_path / "m.onnx", tmp_path / "out", CompileOptions(layers=1, patch=2, single_graph=True, backend="ort-training"))
     pools = [n for n in onnx.load(str(tmp_path / "out" / "training_model.onnx")).graph.node if n.op_type == "MaxPool"]
     assert pools and all(len(n.output) == 1 for n in pools)
