@@ -79,3 +79,32 @@ def test_cli_compile_train_export_on_plain_onnxruntime(tmp_path):
         done = subprocess.run(gfc + command, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (command[0], done.stderr[-2000:])
     assert (tmp_path / "tuned.onnx").is_file()
+
+
+def test_conv_head_logits_train_per_class(tmp_path):
+    """A model whose logits are N×C×1×1 (a 1×1 conv head, as SqueezeNet) trains with cross-entropy over C."""
+    import onnx as onnx_module
+
+    tiny_cnn(tmp_path / "tiny.onnx")
+    model = onnx_module.load(str(tmp_path / "tiny.onnx"))
+    graph = model.graph
+    fc = next(n for n in graph.node if n.name == "fc")
+    flatten = next(n for n in graph.node if n.name == "flatten")
+    graph.node.remove(fc)
+    graph.node.remove(flatten)
+    graph.node.append(helper.make_node("Conv", ["gap", "head_w", "fc_b"], ["logits"], name="head"))
+    w = next(t for t in graph.initializer if t.name == "fc_w")
+    graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w).reshape(4, 8, 1, 1), "head_w"))
+    graph.initializer.remove(w)
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 1, 1]))
+    onnx_module.save(model, str(tmp_path / "convhead.onnx"))
+    compile_model(tmp_path / "convhead.onnx", tmp_path / "out", CompileOptions(layers=2, patch=2, backend="onnx"))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 4, 8).astype(np.int64)
+    trainer = Trainer(tmp_path / "out")
+    losses = [trainer.step(x, y, lr=1e-2) for _ in range(25)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert 0 <= trainer.evaluate((x, y))["accuracy"] <= 1
+    trainer.export(tmp_path / "tuned.onnx")

@@ -38,9 +38,10 @@ def label_input(kind: str, output: ir.Value) -> ir.Value:
         raise UnsupportedModelError(f"the model output {output.name!r} has no inferred shape")
     if kind == "cross_entropy":
         dims = list(output.shape)
-        if len(dims) != 2:
+        if len(dims) < 2 or any(d != 1 for d in dims[2:]):
             raise UnsupportedModelError(
-                f"cross_entropy needs N×classes logits, the model output {output.name!r} has rank {len(dims)}"
+                f"cross_entropy needs N×classes logits (trailing 1×1 dimensions allowed), the model output "
+                f"{output.name!r} has shape {'×'.join(str(d) for d in dims)}"
             )
         return ir.Value(name="labels", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(dims[:1]))
     return ir.Value(name="target", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(output.shape)))
@@ -65,18 +66,24 @@ def build_loss(e: Emitter, kind: str, output: ir.Value, *, with_gradient: bool) 
         raise UnsupportedModelError(f"unknown loss {kind!r} (choose from {', '.join(LOSSES)})")
     label = label_input(kind, output)
     if kind == "cross_entropy":
-        loss, log_prob = e.ops("SoftmaxCrossEntropyLoss", [output, label], "cross_entropy", 2, reduction="mean")
-        log_prob.dtype, log_prob.shape = ir.DataType.FLOAT, output.shape
+        logits = output
+        if len(output.shape) > 2:  # N×C×1×1 (a conv head): the classes are the channels
+            logits = e.op("Flatten", [output], "logits_2d", axis=1)
+            logits.dtype, logits.shape = ir.DataType.FLOAT, ir.Shape(list(output.shape)[:2])
+        loss, log_prob = e.ops("SoftmaxCrossEntropyLoss", [logits, label], "cross_entropy", 2, reduction="mean")
+        log_prob.dtype, log_prob.shape = ir.DataType.FLOAT, logits.shape
         loss = e.op("Identity", [loss], "loss")
         grad = None
         if with_gradient:
             classes = output.shape[1]
             depth = e.ints("classes", [classes]) if isinstance(classes, int) else e.op(
-                "Gather", [e.op("Shape", [output], "logits_shape"), e.ints("class_axis", [1])], "classes")
+                "Gather", [e.op("Shape", [logits], "logits_shape"), e.ints("class_axis", [1])], "classes")
             onehot = e.op("OneHot", [label, depth, e.const("onehot_values", np.array([0, 1], np.float32))],
                           "onehot", axis=-1)
             residual = e.op("Sub", [e.op("Exp", [log_prob], "softmax"), onehot], "residual")
             grad = e.op("Div", [residual, _element_count(e, output, [0])], "dlogits")
+            if logits is not output:
+                grad = e.op("Reshape", [grad, e.op("Shape", [output], "output_shape")], "doutput")
         return LossGraph(label, loss, grad)
     difference = e.op("Sub", [output, label], "difference")
     if kind == "mse":

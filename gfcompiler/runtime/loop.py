@@ -32,7 +32,7 @@ from gfcompiler.runtime.checkpoints import CheckpointRecord, RunDir, default_run
 from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
 from gfcompiler.runtime.progress import MetricsLog, Progress, status_line
 from gfcompiler.runtime.schedule import LRSchedule
-from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer
+from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer, class_scores
 
 
 class _JsonRecord:
@@ -206,7 +206,7 @@ class _Run:
         self._last_loss = result.loss
         correct = counted = 0
         if self.classify and result.outputs is not None:
-            correct, counted = int((result.outputs.argmax(axis=-1) == y).sum()), len(indices)
+            correct, counted = int((class_scores(result.outputs).argmax(axis=-1) == y).sum()), len(indices)
         return Position(
             epoch, batch + 1, position.global_step + 1, position.loss_sum + result.loss * len(indices),
             position.seen + len(indices), position.correct + correct, position.counted + counted,

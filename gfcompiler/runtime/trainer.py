@@ -241,7 +241,7 @@ class Trainer:
             total_loss += loss * count
             seen += count
             if self.artifacts.loss == "cross_entropy":
-                correct += int((outputs[:count].argmax(axis=-1) == yb[:count]).sum())
+                correct += int((class_scores(outputs[:count]).argmax(axis=-1) == yb[:count]).sum())
         result = {"loss": total_loss / max(seen, 1), "samples": seen}
         if self.artifacts.loss == "cross_entropy":
             result["accuracy"] = correct / max(seen, 1)
@@ -300,9 +300,16 @@ def session_spinning(two_stage: bool) -> bool:
     return not two_stage
 
 
+def class_scores(outputs: np.ndarray) -> np.ndarray:
+    """Logits as N×classes: a conv head's N×C×1×1 output has its trailing 1×1 dimensions dropped."""
+    if outputs.ndim > 2 and all(d == 1 for d in outputs.shape[2:]):
+        return outputs.reshape(outputs.shape[:2])
+    return outputs
+
+
 def numpy_loss(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
     """The mean loss of ``outputs`` against ``labels`` as the compiled loss computes it."""
-    out = outputs.astype(np.float64)
+    out = (class_scores(outputs) if loss == "cross_entropy" else outputs).astype(np.float64)
     if loss == "cross_entropy":
         peak = out.max(axis=-1, keepdims=True)
         log_z = np.log(np.exp(out - peak).sum(axis=-1)) + peak[:, 0]
