@@ -195,7 +195,8 @@ FORMULATIONS = {
                                lambda c: c.strides[0] == 1),
     "dW:gemm-shift-both": ("_weight_grad", lambda e, dy, x, c: cb._weight_grad_gemm(e, dy, x, c, (0, 1)),
                            lambda c: c.strides == (1, 1)),
-    "dW:conv": ("_weight_grad", lambda e, dy, x, c: cb._weight_grad_conv(e, dy, x, c), None),
+    "dW:depthwise": ("_weight_grad", lambda e, dy, x, c: cb._weight_grad_depthwise(e, dy, x, c),
+                     lambda c: c.in_per_group == 1),
 }
 
 
