@@ -38,10 +38,11 @@ def _compile_and_compare(model: nn.Module, tmp_path, input_shape, layers: int, p
 
     model_copy = copy.deepcopy(reference_model)
     if patch > 0:
-        filtered = [layer["name"] for layer in manifest["layers"] if layer["backward"] == "filtered"]
+        filtered = {layer["name"] for layer in manifest["layers"] if layer["backward"] == "filtered"}
         convs = torchref.conv_modules_in_order(model_copy)
-        assert len(filtered) == layers, manifest["layers"]
-        torchref.with_filtered_convs(model_copy, convs[-layers:], patch)
+        onnx_convs = [layer["name"] for layer in manifest["layers"]]
+        assert len(convs) == len(onnx_convs)
+        torchref.with_filtered_convs(model_copy, [c for c, o in zip(convs, onnx_convs) if o in filtered], patch)
     torch_loss, pairs = torchref.torch_gradients(model_copy, x, labels)
     expected = torchref.match_by_value(values, pairs)
     assert loss == pytest.approx(torch_loss, rel=1e-5, abs=1e-6)
@@ -57,7 +58,8 @@ def _compile_and_compare(model: nn.Module, tmp_path, input_shape, layers: int, p
 @pytest.mark.parametrize("layers", [1, 3, 4])
 def test_small_net_gradients(tmp_path, layers, patch):
     torch.manual_seed(0)
-    _compile_and_compare(SmallNet(), tmp_path, (3, 3, 29, 27), layers, patch, classes=10)
+    manifest, _ = _compile_and_compare(SmallNet(), tmp_path, (3, 3, 29, 27), layers, patch, classes=10)
+    assert manifest["totals"]["filtered_layers"] == (layers if patch else 0)
 
 
 def test_step_model_uses_default_domain_ops_only(tmp_path):
@@ -79,6 +81,7 @@ def test_torchvision_last4_gradients(tmp_path, arch):
     model = models.torchvision_module(arch, num_classes=10)
     for patch in (0, 4):
         manifest, _ = _compile_and_compare(model, tmp_path, (2, 3, 224, 224), 4, patch, classes=10)
+        assert manifest["totals"]["filtered_layers"] == (4 if patch else 0)
         if patch:
             assert manifest["totals"]["filtered_layers"] == 4
             totals = manifest["totals"]
@@ -149,3 +152,18 @@ def test_trainer_steps_equal_torch_optim(tmp_path, optimizer):
         expected = p.detach().numpy()
         assert not np.allclose(expected, start[name]), f"{name} did not move"
         assert np.allclose(after[name], expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max()), name
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_global_pool_head_gradient_stays_small(tmp_path, patch):
+    """Conv → GlobalAveragePool: the filter reads the N×C×1×1 gradient, never its full-size broadcast."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 5, 1), nn.Flatten()).eval()
+    manifest, out = _compile_and_compare(model, tmp_path, (2, 3, 21, 19), 3, patch, classes=5)
+    assert [layer["backward"] for layer in manifest["layers"]] == ["filtered", "filtered", "exact"]
+    step = onnx.load(str(out / manifest["files"]["step_model"]))
+    backward = [n for n in step.graph.node if any(p.key == "gfc.phase" and p.value == "backward" for p in n.metadata_props)]
+    last = [n for n in backward if any(p.key == "gfc.layer" and p.value == "/1/Conv" for p in n.metadata_props)]
+    assert last and not [n for n in last if n.op_type == "AveragePool"], "dY of the last conv was averaged at full size"
+    assert not [n for n in backward if n.op_type == "Expand" and n.name.startswith("/2/")], "GAP's gradient was broadcast"

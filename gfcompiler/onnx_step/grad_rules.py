@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gfcompiler.errors import UnsupportedModelError
-from gfcompiler.onnx_step.rules_api import GradContext, GradRule
+from gfcompiler.onnx_step.rules_api import GradContext, GradRule, mark_spatially_constant
 
 __all__ = ["RULES", "unbroadcast"]
 
@@ -1138,7 +1138,8 @@ def global_average_pool_grad(ctx, dys):
     if dims is not None and len(dims) >= 3 and all(isinstance(d, int) for d in dims[2:]):
         spatial = list(dims[2:])
         scaled = e.op("Mul", [dys[0], _scalar(ctx, "inv_area", 1.0 / max(1, int(np.prod(spatial))))], "mean")
-        return [e.op("Expand", [scaled, _ints(ctx, "spatial", [1, 1] + spatial)], "dX")]
+        full = e.op("Expand", [scaled, _ints(ctx, "spatial", [1, 1] + spatial)], "dX")
+        return [mark_spatially_constant(full, scaled) if len(dims) == 4 else full]
     count = e.op("Cast", [e.op("Div", [e.op("Size", [x], "size_X"), e.op("Size", [y], "size_Y")], "area_int")],
                  "area", to=_onnx_dtype(ctx))
     return [e.op("Expand", [e.op("Div", [dys[0], count], "mean"), e.op("Shape", [x], "shape")], "dX")]

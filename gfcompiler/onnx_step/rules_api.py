@@ -69,6 +69,25 @@ class GradContext:
         return None
 
 
+SPATIALLY_CONSTANT = "gfc.spatially_constant"
+
+
+def mark_spatially_constant(full: ir.Value, small: ir.Value) -> ir.Value:
+    """Record that ``full`` (N×C×H×W) is ``small`` (N×C×1×1) broadcast over H×W.
+
+    A rule that can use the small tensor directly (the gradient filter: the patch
+    average of a constant is the constant) reads it with `spatially_constant_source`
+    and never touches ``full``, whose producer then has no use and is dropped.
+    """
+    full.meta[SPATIALLY_CONSTANT] = small
+    return full
+
+
+def spatially_constant_source(value: ir.Value | None) -> ir.Value | None:
+    """The N×C×1×1 tensor ``value`` broadcasts, when a rule marked it (`mark_spatially_constant`)."""
+    return None if value is None else value.meta.get(SPATIALLY_CONSTANT)
+
+
 GradRule = Callable[[GradContext, list["ir.Value | None"]], list["ir.Value | None"]]
 
 

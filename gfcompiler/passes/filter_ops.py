@@ -199,6 +199,11 @@ def _bias_grad(e: _Emitter, dy: ir.Value, dy_avg: ir.Value, geom: FilterGeometry
     """
     if geom.patch == 1:
         return e.op("ReduceSum", [dy, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
+    return _window_bias_grad(e, dy_avg, geom)
+
+
+def _window_bias_grad(e: _Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
+    """Σ dY as Σ_windows count·dY_avg (exact: the windows tile dY)."""
     window_sums = e.op("Mul", [dy_avg, e.const("grad_window_counts", _grad_window_counts(geom))], "dY_window_sums")
     return e.op("ReduceSum", [window_sums, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
 
@@ -387,13 +392,26 @@ def build_filtered_backward(
     needs_input_grad: bool = True,
     needs_bias_grad: bool = True,
     weight: ir.Value | None = None,
+    constant_dy: ir.Value | None = None,
 ) -> FilteredGradients:
     """The backward side of SPEC.md: (dY, X_sum, W_sum) → (dX, dW, dB).
 
     ``W_sum`` is Co×(Ci/g)×1×1 as `build_weight_sum` makes it. ``weight`` (the full
     kernel) is read only by the dilated rule (step 8). dB is exact (step 7).
+    ``constant_dy`` (N×Co×1×1): dY is known to be this tensor broadcast over the
+    output map (a global-average-pool head), so ``dY_avg`` is it broadcast over the
+    patch grid (the mean of a constant is the constant) and dY itself is never read.
     """
     e = _Emitter(tape, prefix)
+    if constant_dy is not None:
+        dy_avg = e.op("Expand", [constant_dy, e.ints("patch_grid", [1, 1, *geom.patches])], "dY_avg")
+        dy_groups = None if _is_depthwise_like(geom) else _grad_output_groups(e, dy_avg, geom)
+        dw = _broadcast_weight_grad(e, _weight_sum_grad(e, dy_avg, dy_groups, x_sum, geom), geom)
+        db = _window_bias_grad(e, dy_avg, geom) if needs_bias_grad else None
+        dx = None
+        if needs_input_grad:
+            dx = _upsample_and_crop(e, _small_input_grad(e, dy_avg, dy_groups, w_sum, weight, geom), geom)
+        return FilteredGradients(input_grad=dx, weight_grad=dw, bias_grad=db)
     dy_avg = _average_grad_output(e, dy, geom)
     dy_groups = None if _is_depthwise_like(geom) else _grad_output_groups(e, dy_avg, geom)
     dw = _broadcast_weight_grad(e, _weight_sum_grad(e, dy_avg, dy_groups, x_sum, geom), geom)
