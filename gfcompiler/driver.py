@@ -80,7 +80,8 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
     layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers  # None: default
     selection = select_layers(model.graph, layers)
     untie_frozen_uses(model.graph, selection)
-    DecomposeGradientlessOpsPass(list(selection.trained_region))(model)
+    if options.backend == "ort-training":  # the onnx backend has gradient rules for these ops
+        DecomposeGradientlessOpsPass(list(selection.trained_region))(model)
     # Nodes and parameters changed; recompute the selection on the rewritten graph.
     selection = select_layers(model.graph, layers)
     return model, selection

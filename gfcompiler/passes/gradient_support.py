@@ -14,6 +14,10 @@ with ``x⁺ = Where(x > 0, x, 0)`` and ``x⁻ = Where(x > 0, 0, x)``: no branch 
 at x = 0 the gradient is torch's (α for Elu, 1/2 for Softplus) rather than whatever a
 ``Min``/``Abs``/``Relu`` tie would give — exact zeros are common (zero padding, no bias).
 * ``Sum(a, b, c, ...) = ((a + b) + c) + ...``  (old Caffe2 exports use variadic Sum for residuals)
+* ``Clip(x, 0, max) = Clip(Relu(x), , max)`` (ReLU6 and friends): not for a missing
+  gradient but for its kink: onnxruntime's ClipGrad passes the gradient at x = min,
+  torch's relu6/hardtanh (what exporters turn into Clip) do not, and exact zeros are
+  common; ReluGrad passes none at 0.
 * ``Resize`` (nearest, integer up-scaling of H and W, as ``nn.Upsample`` exports it) =
   ``Reshape(Expand(Reshape(x, N,C,H,1,W,1), 1,1,1,sh,1,sw), N,C,H·sh,W·sw)``: onnxruntime
   has a ``ResizeGrad`` builder but no CPU kernel for it; Expand's gradient is a ReduceSum.
@@ -141,7 +145,29 @@ def _resize(b: _Builder, node: ir.Node) -> ir.Value:
     return b.op("Reshape", [repeated, b.ints("merged_shape", [0, c, h * sh, w * sw])], "upsampled")
 
 
+def _constant_value(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or value.const_value.numpy().size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(()))
+
+
+def _clips_at_zero(node: ir.Node) -> bool:
+    return len(node.inputs) >= 2 and _constant_value(node.inputs[1]) == 0.0
+
+
+def _clip_at_zero(b: _Builder, node: ir.Node) -> ir.Value:
+    rectified = b.op("Relu", [node.inputs[0]], "relu")
+    upper = node.inputs[2] if len(node.inputs) > 2 else None
+    if upper is None:
+        return rectified
+    clip = ir.node("Clip", [rectified, None, upper], name=f"{b.prefix}/clip_max")
+    clip.outputs[0].name = f"{b.prefix}/clip_max"
+    b.graph.insert_before(b.anchor, clip)
+    return clip.outputs[0]
+
+
 RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
+    "Clip": _clip_at_zero,
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
     "Softplus": _softplus,
@@ -152,7 +178,7 @@ RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
 }
 
 # Rules that apply only to some forms of their op.
-APPLIES = {"Resize": lambda node: _nearest_integer_scales(node) is not None}
+APPLIES = {"Resize": lambda node: _nearest_integer_scales(node) is not None, "Clip": _clips_at_zero}
 
 
 class DecomposeGradientlessOpsPass(ir.passes.InPlacePass):
