@@ -5,7 +5,7 @@ torch-free shim `gfcompiler.ort_training`) and fixes what it gets wrong for us:
 
 * its native INFO log (pages per model) is captured and shown only on failure;
 * ``optimizer_model.onnx`` is written with IR 14 under onnx 1.23, which ORT 1.19
-  refuses: every artifact is rewritten with IR <= 10 (SPEC.md);
+  refuses: every artifact is rewritten with IR <= 10 (measured: ORT 1.19.2 refuses IR 11+);
 * momentum SGD, which ORT's built-in SGD lacks (see `optimizer_block`).
 
 Boundary names: onnxruntime names each parameter's gradient accumulator input

@@ -1,7 +1,7 @@
 """Conv and gradient-filter geometry: plain integers, no graph and no tensors.
 
 `ConvShape` describes one 2-D convolution with known spatial sizes. `FilterGeometry`
-derives from it, for a patch size r, every size the gradient filter of SPEC.md needs
+derives from it, for a patch size r, every size the gradient filter (docs/operator.md) needs
 (patch counts, input patch sizes, centered paddings). The NumPy reference, the ONNX
 builder, the MAC/byte accounting and `gfc inspect` all read these numbers from here,
 so the four can never disagree about a padding.
@@ -80,7 +80,7 @@ def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int
 
 @dataclasses.dataclass(frozen=True)
 class FilterGeometry:
-    """Every size of SPEC.md's gradient filter for one conv and patch size ``r``.
+    """Every size of the gradient filter (docs/operator.md) for one conv and patch size ``r``.
 
     Forward side: ``X_sum`` has ``patches`` = (ph, pw) cells, each summing an input
     window of ``input_patch`` = (qh, qw) = (r·sh, r·sw) pixels, windows laid from
@@ -127,7 +127,7 @@ class FilterGeometry:
 
     @property
     def uses_dilated_kernel(self) -> bool:
-        """SPEC.md step 8: a dilation d > 1 with d >= r computes dX_small with the full flipped kernel.
+        """docs/operator.md, backward step 8: a dilation d > 1 with d >= r computes dX_small with the full flipped kernel.
 
         (d = 1 always uses the reduced 1x1 form, also when r = 1, as the reference does.)
         """

@@ -6,7 +6,7 @@ truncated protobuf, missing external-data files, non-float weights, unknown spat
 sizes. The result is an `onnx_ir.Model` with:
 
 * the default-domain opset in [MIN_OPSET, MAX_OPSET] (converted with onnx's version
-  converter when outside) and IR version <= MAX_IR_VERSION (SPEC.md: ORT 1.19 refuses 11+);
+  converter when outside) and IR version <= MAX_IR_VERSION (measured: ORT 1.19 refuses 11+);
 * every graph input's shape fixed where the user gave ``--input-shape``;
 * shapes inferred for every value (onnx shape inference with data propagation).
 """

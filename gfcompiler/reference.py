@@ -1,7 +1,7 @@
-"""NumPy reference of the gradient-filter operator (SPEC.md), written for clarity.
+"""NumPy reference of the gradient-filter operator (docs/operator.md), written for clarity.
 
 This is the yardstick the emitted ONNX subgraphs are tested against. It follows
-SPEC.md step by step with explicit padding, window sums and ``np.repeat``, and shares
+docs/operator.md step by step with explicit padding, window sums and ``np.repeat``, and shares
 no formulation with the ONNX builder (which uses matrix products and pooling nodes),
 only the integer geometry of `gfcompiler.geometry`.
 
@@ -114,7 +114,7 @@ def filtered_backward(
     w: np.ndarray | None = None,
     needs_input_grad: bool = True,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """The whole backward of SPEC.md: returns (dX or None, dW, dB) in float64.
+    """The whole backward of docs/operator.md: returns (dX or None, dW, dB) in float64.
 
     ``w`` (the full kernel) is needed only when the dilated rule of step 8 applies.
     """
@@ -127,7 +127,7 @@ def filtered_backward(
     dx = None
     if needs_input_grad:
         if geom.uses_dilated_kernel and w is None:
-            raise ValueError("the dilated rule (SPEC.md step 8) needs the full kernel w")
+            raise ValueError("the dilated rule (docs/operator.md, backward step 8) needs the full kernel w")
         w64 = None if w is None else w.astype(np.float64)
         dx = _upsample_and_crop(_small_input_grad(dy_avg, w_sum.astype(np.float64), w64, geom), geom)
     return dx, dw, db

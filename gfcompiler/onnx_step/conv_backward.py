@@ -20,7 +20,7 @@ reasons are in the function docstrings, ``benchmarks/conv_backward.py`` re-measu
   of kh·kw windows of X, which moves less memory. One input channel per group
   (depthwise, with or without a channel multiplier): a Slice, Mul and ReduceSum per
   tap on channels-last copies of X and dY, several times faster in onnxruntime than a
-  grouped ``Conv(Xᵀ, dYᵀ)`` with dY as the kernel (the formulation SPEC suggests, 2–4×
+  grouped ``Conv(Xᵀ, dYᵀ)`` with dY as the kernel (a common starting point, 2–4×
   slower than the MatMul for dense convs too) or the same ops channels first.
 * dB: ``ReduceSum`` of dY over batch and space.
 

@@ -2,7 +2,7 @@
 
 `RULES` gives every ``Conv`` the exact backward of `conv_backward`. A trained conv
 the filter applies to gets `filtered_conv_rule` as a per-node override instead: its
-backward reads only the forward summaries ``X_sum`` and ``W_sum`` (SPEC, built by
+backward reads only the forward summaries ``X_sum`` and ``W_sum`` (docs/operator.md, built by
 `gfcompiler.passes.filter_ops`) and the incoming gradient, never the full-resolution
 input.
 """

@@ -95,7 +95,7 @@ class FoldBatchNormIntoConvPass(ir.passes.InPlacePass):
     ``BN(Conv(x, W, b)) = Conv(x, W·s, b·s + t)`` with ``s = γ/√(σ²+ε)`` and
     ``t = β − μ·s`` per output channel. Applies when the conv output feeds only the BN
     and W (and b) are constants. Why: onnxruntime-training silently switches every
-    BatchNormalization to batch statistics in the training graph (SPEC.md).
+    BatchNormalization to batch statistics in the training graph (measured on onnxruntime-training 1.19.2).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

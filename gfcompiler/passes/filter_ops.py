@@ -1,4 +1,4 @@
-"""The gradient-filter operator of SPEC.md, built from standard ONNX ops.
+"""The gradient-filter operator (docs/operator.md), built from standard ONNX ops.
 
 Two builders, independent of where their nodes are plugged in:
 
@@ -122,7 +122,7 @@ def _pool_pads(begin: tuple[int, int], end: tuple[int, int]) -> list[int]:
 
 
 def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefix: str) -> ir.Value:
-    """SPEC forward step 4: ``X_sum = SumPool(X)`` over (qh, qw) windows with centered padding.
+    """Forward step 4 (docs/operator.md): ``X_sum = SumPool(X)`` over (qh, qw) windows with centered padding.
 
     Negative paddings (windows that start inside X) become a ``Slice``. Windows lying
     wholly in the padding (a padding of a window's size or more, which the pooling op
@@ -157,7 +157,7 @@ def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefi
 
 
 def build_weight_sum(tape: ir.tape.Tape, w: ir.Value, prefix: str) -> ir.Value:
-    """SPEC forward step 5: ``W_sum`` = W summed over its kernel taps, kept as Co×(Ci/g)×1×1."""
+    """Forward step 5 (docs/operator.md): ``W_sum`` = W summed over its kernel taps, kept as Co×(Ci/g)×1×1."""
     e = _Emitter(tape, prefix)
     return e.op("ReduceSum", [w, e.ints("tap_axes", [2, 3])], "W_sum", keepdims=1)
 
@@ -329,7 +329,7 @@ def _small_input_grad(
     g, cog, cig = conv.group, conv.out_per_group, conv.in_per_group
     if geom.uses_dilated_kernel:
         if w is None:
-            raise ValueError("the dilated rule (SPEC.md step 8) needs the full kernel")
+            raise ValueError("the dilated rule (backward step 8) needs the full kernel")
         d = geom.reduced_dilation
         return e.op("ConvTranspose", [dy_avg, w], "dX_small", group=conv.group, dilations=[d, d], pads=[d, d, d, d])
     if dy_groups is None:
@@ -394,7 +394,7 @@ def build_filtered_backward(
     weight: ir.Value | None = None,
     constant_dy: ir.Value | None = None,
 ) -> FilteredGradients:
-    """The backward side of SPEC.md: (dY, X_sum, W_sum) → (dX, dW, dB).
+    """The backward side of docs/operator.md: (dY, X_sum, W_sum) → (dX, dW, dB).
 
     ``W_sum`` is Co×(Ci/g)×1×1 as `build_weight_sum` makes it. ``weight`` (the full
     kernel) is read only by the dilated rule (step 8). dB is exact (step 7).

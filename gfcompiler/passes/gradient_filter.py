@@ -7,7 +7,7 @@ forward Conv is in ``geometries`` this pass
 1. builds the forward summaries ``X_sum``, ``W_sum`` right before the forward Conv;
 2. makes the forward Conv depend on ``X_sum`` (its bias becomes
    ``b + 0·ΣX_sum``) so that onnxruntime runs the pooling in the forward pass and the
-   full-resolution X is released after the forward (SPEC.md: ORT schedules a node
+   full-resolution X is released after the forward (measured: ORT schedules a node
    whose only consumers are backward nodes lazily, which would keep X alive);
 3. builds the filtered backward from (dY, X_sum, W_sum) before the ConvGrad, moves
    every use of the ConvGrad's outputs onto the new values, and removes the ConvGrad.

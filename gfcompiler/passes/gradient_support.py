@@ -1,6 +1,6 @@
 """Rewrite ops that onnxruntime-training 1.19.2 cannot differentiate into ones it can.
 
-SPEC.md: no gradient builder exists for HardSwish, HardSigmoid, Elu, Softplus or Selu.
+Measured: no gradient builder exists for HardSwish, HardSigmoid, Elu, Softplus or Selu.
 Only nodes in the trained region (those whose backward is built) need rewriting;
 the frozen prefix keeps the original, faster ops. Each rule is exact:
 
@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from gfcompiler.constants import add_initializer
 
-# Ops known to have no gradient builder in onnxruntime-training 1.19.2 (SPEC.md).
+# Ops known to have no gradient builder in onnxruntime-training 1.19.2 (measured).
 NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu", "Sum", "Resize"})
 
 
