@@ -4,6 +4,10 @@ A small model holds only the update: parameters, gradients, state, lr and step i
 updated parameters and state out. It runs for a few steps in a plain onnxruntime
 InferenceSession, each step's outputs fed back, and must track torch.optim.AdamW /
 SGD stepping the same tensors with the same gradients and learning rates.
+
+The guarded update (``ok`` from `build_guard`, for in-place execution) must equal the
+plain one bit for bit where ``ok`` is true, and be the exact identity where it is
+false, whatever the gradients hold (NaN, Inf).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from gfcompiler.artifacts import OptimizerSpec
 from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.onnx_step.emit import Emitter
-from gfcompiler.onnx_step.optimizers import build_update, state_slots
+from gfcompiler.onnx_step.optimizers import build_guard, build_update, state_slots
 
 SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (10, 32)}
 # float32-exact learning rates (the ONNX input is float32, torch's lr a Python float), with changes between steps.
@@ -38,15 +42,18 @@ def _float_input(name: str, shape) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))
 
 
-def _step_model(spec: OptimizerSpec, prefix: str = ""):
-    """The update as a model; returns (proto, state slots, the values build_update was given)."""
+def _step_model(spec: OptimizerSpec, prefix: str = "", guarded: bool = False):
+    """The update as a model; returns (proto, state slots, the values build_update was given).
+
+    ``guarded``: the update takes ``ok`` (a bool scalar input of the model)."""
     slots = state_slots(spec, list(SHAPES))
     params = {name: _float_input(name, shape) for name, shape in SHAPES.items()}
     grads = {name: _float_input(f"{name}.grad", shape) for name, shape in SHAPES.items()}
     state = {slot.name: _float_input(slot.name, SHAPES[slot.param]) for slot in slots}
     lr, step = _float_input("lr", ()), _float_input("step", ())
+    ok = ir.Value(name="ok", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([])) if guarded else None
     tape = ir.tape.Tape()
-    new_params, new_state = build_update(Emitter(tape, prefix), spec, params, grads, state, lr, step)
+    new_params, new_state = build_update(Emitter(tape, prefix), spec, params, grads, state, lr, step, ok=ok)
     assert set(new_params) == set(SHAPES) and set(new_state) == {slot.name for slot in slots}
     outputs = []
     for name, value in [*new_params.items(), *new_state.items()]:
@@ -54,7 +61,7 @@ def _step_model(spec: OptimizerSpec, prefix: str = ""):
         assert value.type is not None and tuple(value.shape) == SHAPES[name.split(".exp")[0].split(".momentum")[0]]
         value.name = f"{name}.updated"
         outputs.append(value)
-    inputs = [*params.values(), *grads.values(), *state.values(), lr, step]
+    inputs = [*params.values(), *grads.values(), *state.values(), lr, step, *([ok] if guarded else [])]
     graph = ir.Graph(inputs, outputs, nodes=tape.nodes, initializers=tape.initializers,
                      opset_imports={"": 17}, name="optimizer_step")
     return ir.to_proto(ir.Model(graph, ir_version=8)), slots, (params, grads, state)
@@ -195,3 +202,88 @@ def test_sgd_first_step_ignores_the_momentum_buffer():
             buf = g if t == 1 else np.float32(0.9) * stale[f"{name}.momentum_buffer"] + g
             _assert_close(results[f"{name}.momentum_buffer.updated"], buf, f"{name} buffer step {t}")
             _assert_close(results[f"{name}.updated"], values[name] - np.float32(lr) * buf, f"{name} step {t}")
+
+
+# ---------------------------------------------------------------------------- the guard (in-place updates)
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-m{s.momentum}-wd{s.effective_weight_decay}")
+def test_guarded_update_is_the_plain_one_or_the_identity(spec):
+    """ok true: bit-identical to the unguarded update (steps 1 to 4, state fed back); ok false: every output is
+    bit-identical to its input, with NaN, +-Inf or ordinary gradients, on step 1 (SGD's buf = g) as on later ones."""
+    plain = ort.InferenceSession(_step_model(spec)[0].SerializeToString(), providers=["CPUExecutionProvider"])
+    model, slots, _ = _step_model(spec, guarded=True)
+    guarded = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in guarded.get_outputs()]
+    assert names == [o.name for o in plain.get_outputs()]
+    rng = np.random.default_rng(2)
+    values = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
+    state = {slot.name: np.zeros(SHAPES[slot.param], np.float32) for slot in slots}
+    for t, lr in enumerate(LRS[:4], start=1):
+        grads = {f"{n}.grad": (rng.standard_normal(shape) * 10.0 ** rng.uniform(-8, 1)).astype(np.float32)
+                 for n, shape in SHAPES.items()}
+        feeds = {**values, **grads, **state, "lr": np.array(lr, np.float32), "step": np.array(t, np.float32)}
+        expected = plain.run(None, feeds)
+        for name, actual, wanted in zip(names, guarded.run(None, {**feeds, "ok": np.array(True)}), expected):
+            np.testing.assert_array_equal(_bits(actual), _bits(wanted), err_msg=f"{name} step {t}")
+        # ok false: the identity, also for non-finite gradients and a state that is not zero.
+        poisoned = {name: g.copy() for name, g in grads.items()}
+        for g in poisoned.values():
+            g.reshape(-1)[:3] = [np.nan, np.inf, -np.inf]
+        for bad in (grads, poisoned):
+            results = dict(zip(names, guarded.run(None, {**feeds, **bad, "ok": np.array(False)})))
+            for name in [*SHAPES, *state]:
+                np.testing.assert_array_equal(_bits(results[f"{name}.updated"]), _bits(feeds[name]),
+                                              err_msg=f"{name} step {t}, ok false")
+        outputs = dict(zip(names, expected))
+        values = {name: outputs[f"{name}.updated"] for name in SHAPES}
+        state = {slot.name: outputs[f"{slot.name}.updated"] for slot in slots}
+    assert not any(np.array_equal(state[s.name], 0 * state[s.name]) for s in slots)  # the identity was tested on it
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-m{s.momentum}-wd{s.effective_weight_decay}")
+def test_every_state_write_waits_for_ok(spec):
+    """The node writing each updated tensor has ``ok`` among its ancestors (the in-place barrier)."""
+    model, _, _ = _step_model(spec, guarded=True)
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def ancestors(name: str) -> set[str]:
+        """The values ``name`` is computed from."""
+        seen, pending = set(), [name]
+        while pending:
+            node = producers.get(pending.pop())
+            for value in node.input if node is not None else ():
+                if value not in seen:
+                    seen.add(value)
+                    pending.append(value)
+        return seen
+
+    for output in model.graph.output:
+        assert "ok" in ancestors(output.name), output.name
+
+
+def test_guard_is_true_iff_the_loss_is_finite_and_reads_every_gradient():
+    grads = {name: _float_input(f"{name}.grad", shape) for name, shape in SHAPES.items()}
+    loss = _float_input("loss", ())
+    tape = ir.tape.Tape()
+    ok = build_guard(Emitter(tape, "step"), loss, grads)
+    assert ok.dtype == ir.DataType.BOOL and tuple(ok.shape) == ()
+    ok.name = "ok"
+    graph = ir.Graph([loss, *grads.values()], [ok], nodes=tape.nodes, initializers=tape.initializers,
+                     opset_imports={"": 17}, name="guard")
+    proto = ir.to_proto(ir.Model(graph, ir_version=8))
+    assert {n.name.split("/")[1] for n in proto.graph.node} == {"guard"}
+    # each gradient is read (through one sliced element), so ok comes after all of them
+    read = {i for n in proto.graph.node for i in n.input}
+    assert all(f"{name}.grad" in read for name in SHAPES)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for fill in (0.5, np.nan, np.inf, -np.inf):
+        feeds = {f"{name}.grad": np.full(shape, fill, np.float32) for name, shape in SHAPES.items()}
+        for value, expected in ((1.25, True), (0.0, True), (-3e38, True), (np.nan, False), (np.inf, False),
+                                (-np.inf, False)):
+            result = session.run(None, {**feeds, "loss": np.array(value, np.float32)})[0]
+            assert result.dtype == np.bool_ and result.shape == () and bool(result) is expected, (fill, value)

@@ -14,7 +14,8 @@ multiply-add (``lerp``/``add`` with alpha may use FMA): a float32 ulp now and th
   corrections, step size) is computed once per step on scalars, in float64 as
   torch does in Python, and rounded to float32 once, as torch rounds a Python
   scalar operand for a float32 kernel. Per parameter only full-tensor ops remain:
-  AdamW 14 (13 without weight decay), SGD at most 6.
+  AdamW 14 (13 without weight decay), SGD at most 6; one more when guarded (the
+  ``Where`` on the gradient, below).
 * Every scalar that meets a full parameter tensor is shaped ``[1]*rank`` (the
   parameter's rank): one ``Reshape`` of each computed scalar, one initializer of
   each constant, per distinct rank, shared by the parameters of that rank (see
@@ -28,6 +29,34 @@ multiply-add (``lerp``/``add`` with alpha may use FMA): a float32 ulp now and th
   (the runtime initializes every state slot to zeros).
 * ``step`` is t, the 1-based index of this step, as a float32 scalar; ``lr`` the
   float32 learning rate of this step (already scheduled by the runtime).
+
+In-place updates (the runtime binds each ``<name>.updated`` output to the buffer of
+input ``<name>``, so onnxruntime overwrites the old state instead of allocating a
+second copy of it) need two things of the step graph, both built here when
+`build_update` is given the ``ok`` scalar of `build_guard`:
+
+* **No state is written before it is read for the last time.** Every node that
+  writes a state tensor (the last Add of each update) depends on ``ok``, and ``ok``
+  depends on one element of every parameter gradient (`build_guard`), so no state
+  is written before every gradient exists. Every other read of a state tensor is
+  either a forward or backward node, which feeds the loss or some parameter's
+  gradient, or an earlier node of the same update: all run before ``ok``. The
+  writing node itself is elementwise (it reads element i of the old tensor and writes
+  element i of the new one). `gfcompiler.onnx_step.step_model.in_place_hazards`
+  checks the built graph for exactly this.
+* **A non-finite loss leaves the state bit for bit unchanged** (there is no old copy
+  to fall back to): ``ok`` is false when the loss is NaN or infinite, the gradients
+  enter the update as ``Where(ok, g, 0)`` (one pass per parameter, as costly as about
+  three Muls in onnxruntime's CPU kernels: a NaN gradient times a zero coefficient
+  would still be NaN, so no cheaper gate will do), and the step's scalar coefficients
+  become the identity's: AdamW's decay factor 1, 1 − β1 → 0, β2 → 1, step size → 0,
+  giving m + (0 − m)·0 = m, v·1 + (0·(1 − β2))·0 = v and p·1 + (m·0)/denom = p;
+  SGD's weight decay → 0, momentum → 1 and −lr → 0, giving buf·1 + (0 + p·0) = buf
+  and p + buf·0 = p. The additions of ±0 are exact for every finite value
+  except −0.0, which comes back as +0.0 (equal as numbers; a state that starts as
+  +0.0 or nonzero never becomes −0.0 through these updates). With ``ok`` true every
+  ``Where`` passes its first operand through, so the numbers equal the unguarded
+  update's bit for bit.
 """
 
 from __future__ import annotations
@@ -73,13 +102,45 @@ def state_slots(spec: OptimizerSpec, params: list[str]) -> list[StateSlot]:
     return [StateSlot(param, kind, f"{param}.{kind}") for param in params for kind in kinds]
 
 
+def build_guard(e: Emitter, loss: ir.Value, grads: dict[str, ir.Value]) -> ir.Value:
+    """``ok``: a bool scalar, true iff ``loss`` is finite, computed only after every gradient exists.
+
+    The dependency on the gradients (the barrier of the in-place update, module
+    docstring) costs no pass over them: one element of each gradient is sliced out
+    (``Reshape`` to 1-D is a view in onnxruntime), and the result, ``not (count(isnan(probes))
+    < 0)``, is always true, whatever the probed values (NaN and ±Inf included), but no
+    optimizer can know that without running it. Nodes are named ``<prefix>/guard/...``.
+    """
+    if not grads:
+        raise KeyError("no gradients to guard")
+    ge = _child(e, "guard")
+    scalar_loss = ge.op("Reshape", [loss, ge.ints("scalar_shape", [])], "loss")
+    finite = ge.op("And", [ge.op("Not", [ge.op("IsNaN", [scalar_loss], "loss_is_nan")], "loss_not_nan"),
+                           ge.op("Not", [ge.op("IsInf", [scalar_loss], "loss_is_inf")], "loss_not_inf")], "loss_is_finite")
+    flat, start, end = ge.ints("flat_shape", [-1]), ge.ints("probe_start", [0]), ge.ints("probe_end", [1])
+    probes = [ge.op("Slice", [ge.op("Reshape", [g, flat], f"{name}/grad_flat"), start, end], f"{name}/grad_probe")
+              for name, g in grads.items()]
+    probe = probes[0] if len(probes) == 1 else ge.op("Concat", probes, "grad_probes", axis=0)
+    flags = ge.op("Cast", [ge.op("IsNaN", [probe], "grad_probes_nan")], "grad_probes_nan_f32", to=ir.DataType.FLOAT)
+    count = ge.op("ReduceSum", [flags], "grad_probes_nan_count", keepdims=0)  # finite, in [0, len(grads)]
+    after_gradients = ge.op("Not", [ge.op("Less", [count, ge.scalar("zero", 0.0)], "grad_probes_negative")],
+                            "after_gradients")  # always true
+    ok = ge.op("And", [finite, after_gradients], "ok")
+    ok.dtype, ok.shape = ir.DataType.BOOL, ir.Shape([])
+    return ok
+
+
 def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], grads: dict[str, ir.Value],
-                 state: dict[str, ir.Value], lr: ir.Value, step: ir.Value) -> tuple[dict[str, ir.Value], dict[str, ir.Value]]:
+                 state: dict[str, ir.Value], lr: ir.Value, step: ir.Value,
+                 ok: ir.Value | None = None) -> tuple[dict[str, ir.Value], dict[str, ir.Value]]:
     """Emit one optimizer step; returns (updated params by param name, updated state by slot name).
 
     ``params``/``grads`` are keyed by parameter name, ``state`` by `StateSlot.name`
-    (exactly `state_slots`); ``lr`` and ``step`` are float32 scalars. Shared scalar
-    ops are named ``<prefix>/<optimizer>/...``, per-parameter ones
+    (exactly `state_slots`); ``lr`` and ``step`` are float32 scalars. ``ok`` (a bool
+    scalar, from `build_guard`) guards the update for in-place execution: every state
+    write waits for it, and where it is false the update is exactly the identity
+    (module docstring); without it the update is the plain one. Shared scalar ops are
+    named ``<prefix>/<optimizer>/...``, per-parameter ones
     ``<prefix>/<param>/<optimizer>/...`` (``<prefix>``: ``e``'s, when set).
     """
     kinds = _kinds(spec)
@@ -88,6 +149,20 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
         raise KeyError(f"no gradient for parameters {missing}")
     wd = float(spec.effective_weight_decay)
     shared = _child(e, spec.name)
+
+    def gated(name: str, value: float | ir.Value | None, identity: float) -> float | ir.Value | None:
+        """``value`` where ``ok``, else ``identity`` (a float32 scalar); unchanged without ``ok``."""
+        if ok is None or value is None:
+            return value
+        if not isinstance(value, ir.Value):
+            value = shared.scalar(f"{name}_value", value)
+        return shared.op("Where", [ok, value, shared.scalar(f"{name}_identity", identity)], f"{name}_guarded")
+
+    guard = {} if ok is None else {"ok": ok, "zero": 0.0}
+
+    def guarded_grad(pe: Emitter, s: dict, g: ir.Value) -> ir.Value:
+        return g if ok is None else pe.op("Where", [s["ok"], g, s["zero"]], "grad_guarded")
+
     lr64 = shared.op("Cast", [lr], "lr_f64", to=ir.DataType.DOUBLE)
     new_params: dict[str, ir.Value] = {}
     new_state: dict[str, ir.Value] = {}
@@ -109,27 +184,35 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
             decay = _f32(shared, shared.op("Sub", [one, shared.op("Mul", [lr64, shared.scalar("wd", wd, np.float64)], "lr_wd")],
                                            "decay_f64"), "decay")
         # Python-float constants (as torch's float32 kernels see them) and the step's scalars, at each rank.
-        scalars = _RankedScalars(shared, {"one_minus_beta1": 1 - beta1, "beta2_f32": beta2, "one_minus_beta2": 1 - beta2,
-                                          "eps": ADAM_EPS, "decay": decay, "bias_correction2_sqrt": bc2_sqrt,
-                                          "neg_step_size": neg_step_size})
+        # Guarded (``ok`` false): decay 1, 1 − β1 → 0, β2 → 1, step size 0; 1 − β2 meets a zero gradient.
+        scalars = _RankedScalars(shared, {"one_minus_beta1": gated("one_minus_beta1", 1 - beta1, 0.0),
+                                          "beta2_f32": gated("beta2", beta2, 1.0), "one_minus_beta2": 1 - beta2,
+                                          "eps": ADAM_EPS, "decay": gated("decay", decay, 1.0),
+                                          "bias_correction2_sqrt": bc2_sqrt,
+                                          "neg_step_size": gated("neg_step_size", neg_step_size, 0.0), **guard})
         for name, p in params.items():
             pe = _child(e, f"{name}/adamw")
             s = scalars.at(_rank(p))
             one_minus_beta1, beta2_32, one_minus_beta2, eps = (s["one_minus_beta1"], s["beta2_f32"], s["one_minus_beta2"],
                                                                s["eps"])
             decay, bc2_sqrt, neg_step_size = s["decay"], s["bias_correction2_sqrt"], s["neg_step_size"]
-            g, m, v = grads[name], state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
+            g, m, v = guarded_grad(pe, s, grads[name]), state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
             if decay is not None:
                 p = pe.op("Mul", [p, decay], "decayed")  # param.mul_(1 - lr*wd)
+            # Emission order (the numbers do not depend on it): onnxruntime's default execution order is a
+            # depth-first walk from the outputs that computes, of a node's inputs, the one made by the
+            # later-emitted node first; in this order at most three parameter-sized temporaries are alive
+            # at once (the decayed parameter waits until delta is done; (−step_size)·m waits for denom only).
             # exp_avg.lerp_(grad, 1 - beta1): m + w·(g − m) (torch's lerp for |w| < 0.5)
             m = pe.op("Add", [m, pe.op("Mul", [pe.op("Sub", [g, m], "g_minus_m"), one_minus_beta1], "m_delta")], "exp_avg")
+            m_step = pe.op("Mul", [m, neg_step_size], "m_step")  # (−step_size)·m, for addcdiv below
             # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): v·β2 + ((1−β2)·g)·g
             v = pe.op("Add", [pe.op("Mul", [v, beta2_32], "v_scaled"),
                               pe.op("Mul", [pe.op("Mul", [g, one_minus_beta2], "g_scaled"), g], "g_sq")], "exp_avg_sq")
             # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             denom = pe.op("Add", [pe.op("Div", [pe.op("Sqrt", [v], "v_sqrt"), bc2_sqrt], "v_sqrt_corrected"), eps], "denom")
             # param.addcdiv_(exp_avg, denom, value=-step_size): p + ((−step_size)·m)/denom
-            delta = pe.op("Div", [pe.op("Mul", [m, neg_step_size], "m_step"), denom], "delta")
+            delta = pe.op("Div", [m_step, denom], "delta")
             new_params[name] = _like(pe.op("Add", [p, delta], "param"), params[name])
             new_state[f"{name}.exp_avg"] = _like(m, params[name])
             new_state[f"{name}.exp_avg_sq"] = _like(v, params[name])
@@ -142,12 +225,14 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
         first = shared.op("Equal", [step, shared.scalar("one", 1.0)], "first_step")
         momentum = shared.op("Where", [first, shared.scalar("zero", 0.0), shared.scalar("momentum_f32", spec.momentum)],
                              "momentum")
-    scalars = _RankedScalars(shared, {"neg_lr": neg_lr, "wd": wd if wd != 0 else None, "momentum": momentum})
+    # Guarded (``ok`` false): −lr → 0, weight decay 0, momentum 1.
+    scalars = _RankedScalars(shared, {"neg_lr": gated("neg_lr", neg_lr, 0.0), "wd": gated("wd", wd if wd != 0 else None, 0.0),
+                                      "momentum": gated("momentum", momentum, 1.0), **guard})
     for name, p in params.items():
         pe = _child(e, f"{name}/sgd")
         s = scalars.at(_rank(p))
         wd32, momentum, neg_lr = s["wd"], s["momentum"], s["neg_lr"]
-        g = grads[name]
+        g = guarded_grad(pe, s, grads[name])
         if wd32 is not None:
             g = pe.op("Add", [g, pe.op("Mul", [p, wd32], "p_wd")], "grad_decayed")  # grad.add(param, alpha=wd)
         if momentum is not None:
@@ -161,8 +246,8 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
 class _RankedScalars:
     """The optimizer's shared scalars, each shaped ``[1]*rank`` for the parameters of one rank.
 
-    ``scalars`` maps a name to a float (a float32 constant), a float32 scalar value of
-    the graph (computed per step) or None (absent). `at` gives them at ``rank``: the
+    ``scalars`` maps a name to a float (a float32 constant), a scalar value of the
+    graph (computed per step: float32, or the bool ``ok``) or None (absent). `at` gives them at ``rank``: the
     constants as initializers of that shape, the computed values through one
     ``Reshape`` each, made on first use of a rank and shared by every later parameter
     of it (rank None, unknown: the ``[]`` scalars themselves).

@@ -9,7 +9,13 @@ From the canonical forward model and its layer selection (`gfcompiler.selection`
   (`losses`), the reverse pass (`autodiff` with `grad_rules`; trained convs get the
   gradient filter of `gfcompiler.passes.filter_ops` or the exact `conv_backward`),
   and the optimizer update (`optimizers`). Outputs: ``loss``, the model output, and
-  the updated value of every state tensor (``<name>.updated``).
+  the updated value of every state tensor (``<name>.updated``). The update is guarded
+  for in-place execution (`optimizers.build_guard`): no state tensor is written before
+  its last read, and a NaN or infinite loss leaves every state tensor unchanged, so
+  the runtime may bind each ``<name>.updated`` output to the buffer of input
+  ``<name>``. The model says so in its metadata (`IN_PLACE_KEY`) once
+  `in_place_hazards` has checked the built graph (a graph that failed the check
+  would run functionally, with fresh output buffers).
 * **eval model** — forward and loss, the trainable parameters as inputs.
 * **export model** — the forward with the trainable parameters removed; the runtime
   appends the trained values as initializers (`gfcompiler.runtime`).
@@ -44,6 +50,14 @@ LEARNING_RATE = "learning_rate"
 STEP = "step"
 UPDATED_SUFFIX = ".updated"
 GRAD_SUFFIX = ".grad"
+# Model metadata: the step model may run with each state output bound to its input's
+# buffer (gfcompiler.runtime.onnx_engine reads the same key).
+IN_PLACE_KEY = "gfc.step.in_place"
+IN_PLACE_VALUE = "guarded"
+# Ops whose output onnxruntime may place in its input's buffer (a view), and the
+# elementwise ops that may write a state tensor over the one they read.
+_VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+_IN_PLACE_WRITERS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Identity"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +85,8 @@ class StepModel:
     initial_state: dict[str, np.ndarray]
     layer_nodes: dict[str, set[ir.Node]]  # per trained conv: its backward (and forward summary) nodes
     needs_input_grad: dict[str, bool]  # per trained conv: whether its backward computes dX
+    # Why the state may not be updated in place (`in_place_hazards`); empty (the rule) when it may.
+    in_place_hazards: list[str] = dataclasses.field(default_factory=list)
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -183,9 +199,13 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
     state_inputs = {slot.name: ir.Value(name=slot.name, type=ir.TensorType(ir.DataType.FLOAT),
                                         shape=ir.Shape(list(initial[slot.param].shape))) for slot in slots}
     lr, step_index = _scalar_input(LEARNING_RATE), _scalar_input(STEP)
-    updated_params, updated_state = optimizers.build_update(
-        Emitter(tape, "", names, phase="optimizer"), optimizer, params,
-        {name: gradients.of[value] for name, value in params.items()}, state_inputs, lr, step_index)
+    grads = {name: gradients.of[value] for name, value in params.items()}
+    update = Emitter(tape, "", names, phase="optimizer")
+    # The guard reads the loss after the backward: typed, it counts (4 bytes) in the held-bytes accounting.
+    loss_graph.loss.dtype, loss_graph.loss.shape = ir.DataType.FLOAT, ir.Shape([])
+    ok = optimizers.build_guard(update, loss_graph.loss, grads)
+    updated_params, updated_state = optimizers.build_update(update, optimizer, params, grads, state_inputs, lr,
+                                                            step_index, ok=ok)
     _append(graph, tape)
 
     if force_forward_pooling:
@@ -219,6 +239,10 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
             identity.outputs[0].name = f"{name}{GRAD_SUFFIX}"
             extra.append(identity.outputs[0])
     _keep_outputs(step, [loss_graph.loss, output, *updates, *extra])
+    # The guard makes this hold by construction; should a graph escape it, the model runs functionally.
+    hazards = in_place_hazards(graph, [entry.name for entry in state])
+    if not hazards:
+        step.metadata_props[IN_PLACE_KEY] = IN_PLACE_VALUE
 
     layer_nodes = {}
     by_forward = gradients.backward_nodes
@@ -228,4 +252,65 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
             nodes |= set(summaries[name][2])
         layer_nodes[name] = nodes
     needs_input_grad = {name: gradients.needs.get(conv, [False])[0] for name, conv in convs.items()}
-    return StepModel(step, state, initial, layer_nodes, needs_input_grad)
+    return StepModel(step, state, initial, layer_nodes, needs_input_grad, hazards)
+
+
+def in_place_hazards(graph: ir.Graph, state: list[str]) -> list[str]:
+    """Why ``graph`` may not run with output ``<name>.updated`` in the buffer of input ``<name>``.
+
+    For each ``name`` in ``state``: the node writing ``<name>.updated`` (the writer)
+    overwrites the input while it runs, so every other node reading the input, or a
+    view of it (`_VIEW_OPS`, which onnxruntime may place in the input's buffer), must
+    be an ancestor of the writer: whatever order onnxruntime picks, it then reads the
+    old values. The writer itself may read the input only elementwise (`_IN_PLACE_WRITERS`,
+    output shaped as the input). Returns one line per violation (none: safe).
+    """
+    inputs = {value.name: value for value in graph.inputs}
+    producers = {value.name: node for node in graph for value in node.outputs if value.name}
+    order = {node: index for index, node in enumerate(graph)}
+    ancestors: dict[ir.Node, int] = {}  # node -> its ancestors, a bit set over `order` (memoized)
+
+    def ancestors_of(node: ir.Node) -> int:
+        if node not in ancestors:
+            pending = [node]
+            while pending:  # iterative: deep graphs would exhaust the recursion limit
+                current = pending[-1]
+                if current in ancestors:
+                    pending.pop()
+                    continue
+                parents = [v.producer() for v in current.inputs if v is not None and v.producer() is not None]
+                missing = [p for p in parents if p not in ancestors]
+                if missing:
+                    pending.extend(missing)
+                    continue
+                bits = 0
+                for parent in parents:
+                    bits |= ancestors[parent] | (1 << order[parent])
+                ancestors[current] = bits
+                pending.pop()
+        return ancestors[node]
+
+    hazards = []
+    for name in state:
+        value, writer = inputs.get(name), producers.get(f"{name}{UPDATED_SUFFIX}")
+        if value is None or writer is None:
+            hazards.append(f"{name}: no input {name!r} or no node writing {name + UPDATED_SUFFIX!r}")
+            continue
+        before = ancestors_of(writer)
+        readers, views = {}, [value]  # node -> the value (the input or a view of it) it reads
+        while views:
+            viewed = views.pop()
+            for node, _ in viewed.uses():
+                readers[node] = viewed
+                if node.op_type in _VIEW_OPS and node is not writer:
+                    views.extend(node.outputs)
+        for node, read in readers.items():
+            if node is writer:
+                elementwise = node.op_type in _IN_PLACE_WRITERS and read is value
+                if not (elementwise and value.shape is not None and node.outputs[0].shape == value.shape):
+                    hazards.append(f"{name} is overwritten by {node.op_type} node {node.name!r}, which reads it "
+                                   "other than elementwise")
+            elif not (before >> order[node]) & 1:
+                hazards.append(f"{name} is read by {node.op_type} node {node.name!r}, which may run after "
+                               f"{writer.name!r} writes {name}{UPDATED_SUFFIX}")
+    return hazards

@@ -11,8 +11,20 @@ where the state is every trainable parameter and optimizer slot. The engine keep
 state as OrtValues on the execution provider's device and binds step k's state outputs
 as step k+1's inputs through an IOBinding, so on CUDA the parameters never travel to
 the host; only the batch, the learning rate, the step index and the loss (and the
-logits, for the accuracy) cross. Because the step is functional, a NaN or infinite loss
-costs nothing to undo: the new state is simply not adopted (`discard`).
+logits, for the accuracy) cross.
+
+In place (the default for step models compiled to allow it, on CPU and CUDA): each
+state output ``<name>.updated`` is bound to the very OrtValue bound as input
+``<name>``, so onnxruntime writes the new parameters and optimizer slots over the old
+ones instead of allocating a second set (for AdamW three parameter-sized tensors per
+parameter). The step model marks that it allows this in its metadata (`IN_PLACE_KEY`,
+written by gfcompiler.onnx_step.step_model) because its graph guarantees what it needs
+(gfcompiler.onnx_step.optimizers): every state write waits for every gradient, so no
+old value is read after it is overwritten, and a NaN or infinite loss turns the update
+into the exact identity, so `discard` has nothing to undo. A step model without the
+mark runs functionally: the new state goes to fresh buffers and is adopted by `apply`,
+or dropped by `discard`. ``in_place=False`` (or setting `OnnxStepEngine.in_place`)
+forces the functional path, for comparisons and debugging; both give identical numbers.
 
 Checkpoints are ``.npz`` files (written by `write_state`) holding every state tensor by
 its step-model input name and the number of steps taken under ``STEP_KEY`` (the
@@ -23,6 +35,7 @@ to ``export_model.onnx`` as initializers (gfcompiler.runtime.protowire).
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -35,6 +48,10 @@ from gfcompiler.runtime.device import Device
 from gfcompiler.runtime.protowire import with_initializers
 
 STEP_KEY = "__gfc_steps_taken__"
+# The step model's metadata entry saying it may update its state in place (the same
+# key and value as gfcompiler.onnx_step.step_model.IN_PLACE_KEY / IN_PLACE_VALUE).
+IN_PLACE_KEY = "gfc.step.in_place"
+IN_PLACE_VALUE = "guarded"
 
 # onnxruntime's NodeArg.type strings of the dtypes a state tensor can have.
 _ORT_TYPES = {
@@ -47,11 +64,17 @@ _ORT_TYPES = {
 
 
 class OnnxStepEngine:
-    """Training, evaluation, checkpoints and export of ``--backend onnx`` artifacts."""
+    """Training, evaluation, checkpoints and export of ``--backend onnx`` artifacts.
+
+    ``in_place``: None (default) updates the state in place where the step model allows
+    it (module docstring); False never; True insists (ArtifactError if the model does not
+    allow it).
+    """
 
     checkpoint_suffix = ".npz"
 
-    def __init__(self, artifacts: Artifacts, device: Device, options, checkpoint: Path | None = None):
+    def __init__(self, artifacts: Artifacts, device: Device, options, checkpoint: Path | None = None,
+                 in_place: bool | None = None):
         if artifacts.step is None:
             raise ArtifactError(f"{artifacts.directory} holds no step model: recompile with `--backend onnx`")
         self.artifacts = artifacts
@@ -69,7 +92,13 @@ class OnnxStepEngine:
         arrays, self.steps_taken = read_state(self.checkpoint_path, self._state_types())
         self.values = {name: self._to_device(array) for name, array in arrays.items()}
         self._pending: dict | None = None
+        self._pending_finite = False  # whether the loss of the pending (in-place) step was finite
+        self._torn: str | None = None  # why the in-place state can no longer be trusted
         self._lr = np.array(0.0, self._lr_dtype)
+        metadata = self.step_session.get_modelmeta().custom_metadata_map or {}
+        self.in_place_allowed = metadata.get(IN_PLACE_KEY) == IN_PLACE_VALUE
+        self._in_place = False
+        self.in_place = self.in_place_allowed if in_place is None else in_place
 
     # ------------------------------------------------------------ set-up
 
@@ -112,6 +141,20 @@ class OnnxStepEngine:
     def _to_device(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.array(array), self._device_type, self.device.index)
 
+    @property
+    def in_place(self) -> bool:
+        """Whether `train` writes the new state over the old (module docstring); settable between steps."""
+        return self._in_place
+
+    @in_place.setter
+    def in_place(self, value: bool) -> None:
+        if self._pending is not None:
+            raise RuntimeError("apply or discard the pending step before switching in_place")
+        if value and not self.in_place_allowed:
+            raise ArtifactError(f"{self.artifacts.path('step_model')} does not allow in-place updates: "
+                                "recompile it with this gfcompiler")
+        self._in_place = bool(value)
+
     # ------------------------------------------------------------ steps
 
     @property
@@ -122,8 +165,15 @@ class OnnxStepEngine:
         self._lr = np.array(lr, self._lr_dtype)
 
     def train(self, feeds: dict) -> tuple[float, np.ndarray | None]:
-        """Run step ``steps_taken + 1``; its new state waits for `apply` (or `discard`)."""
+        """Run step ``steps_taken + 1``; `apply` (or, after a non-finite loss, `discard`) must follow.
+
+        In place, the state tensors already hold the new values when this returns (the old
+        ones where the loss is not finite); otherwise the new state waits in fresh buffers.
+        """
         spec = self.spec
+        self._check_state()
+        if self._pending is not None:
+            raise RuntimeError("apply or discard the previous step first")
         binding = self.step_session.io_binding()
         _bind_feeds(binding, feeds)
         binding.bind_cpu_input(spec.learning_rate, self._lr)
@@ -134,23 +184,52 @@ class OnnxStepEngine:
         for name in fetched:
             binding.bind_output(name, "cpu")
         for state in spec.state:
-            binding.bind_output(state.updated, self._device_type, self.device.index)
-        outputs = self._run(self.step_session, binding, "training")
-        self._pending = {state.name: value for state, value in zip(spec.state, outputs[len(fetched):])}
-        return _loss_and_output(outputs, self._train_output)
+            if self._in_place:
+                binding.bind_ortvalue_output(state.updated, self.values[state.name])
+            else:
+                binding.bind_output(state.updated, self._device_type, self.device.index)
+        try:
+            outputs = self._run(self.step_session, binding, "training")
+        except TrainingError:
+            if self._in_place:
+                self._torn = "an in-place training step failed part way"
+            raise
+        # In place, the outputs are views of the state's own OrtValues, which must stay the ones
+        # kept: on CPU they own the numpy arrays holding the memory.
+        self._pending = (self.values if self._in_place else
+                         {state.name: value for state, value in zip(spec.state, outputs[len(fetched):])})
+        loss, output = _loss_and_output(outputs, self._train_output)
+        self._pending_finite = math.isfinite(loss)
+        return loss, output
 
     def apply(self) -> None:
-        """Adopt the state the last `train` computed."""
+        """Adopt the state the last `train` computed (in place: it is already there)."""
         if self._pending is not None:
             self.values, self._pending = self._pending, None
             self.steps_taken += 1
 
     def discard(self) -> None:
-        """Drop the state the last `train` computed; the previous one stays."""
+        """Drop the state the last `train` computed; the previous one stays.
+
+        In place, only a step whose loss was NaN or infinite can be dropped (the step
+        model left the state unchanged); the new state of any other has overwritten the
+        old one, so discarding it is an error.
+        """
+        if self._pending is not None and self._in_place and self._pending_finite:
+            self._pending = None
+            self.steps_taken += 1  # the state is step steps_taken + 1's: keep the count consistent with it
+            raise RuntimeError("an in-place step with a finite loss has already updated the state: it cannot be "
+                               "discarded (only a step with a NaN/Inf loss, which leaves the state unchanged)")
         self._pending = None
+
+    def _check_state(self) -> None:
+        if self._torn is not None:
+            raise TrainingError(f"{self._torn}, so the training state may be partly updated: "
+                                "start again from the last checkpoint")
 
     def evaluate(self, feeds: dict) -> tuple[float, np.ndarray | None]:
         """(loss, model output or None) of the eval model on the current parameters."""
+        self._check_state()
         binding = self.eval_session.io_binding()
         _bind_feeds(binding, feeds)
         for state in self.spec.parameters:
@@ -171,10 +250,12 @@ class OnnxStepEngine:
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Copies of every state tensor (parameters and optimizer slots)."""
+        self._check_state()
         return {name: np.array(value.numpy()) for name, value in self.values.items()}
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of the trainable parameters (frozen weights are constants of the step model)."""
+        self._check_state()
         return {s.name: np.array(self.values[s.name].numpy()) for s in self.spec.parameters}
 
     def save_checkpoint(self, path: Path) -> None:
