@@ -167,3 +167,15 @@ def test_global_pool_head_gradient_stays_small(tmp_path, patch):
     last = [n for n in backward if any(p.key == "gfc.layer" and p.value == "/1/Conv" for p in n.metadata_props)]
     assert last and not [n for n in last if n.op_type == "AveragePool"], "dY of the last conv was averaged at full size"
     assert not [n for n in backward if n.op_type == "Expand" and n.name.startswith("/2/")], "GAP's gradient was broadcast"
+
+
+@pytest.mark.parametrize("patch", [0, 2])
+def test_conv_transpose_in_the_trained_region(tmp_path, patch):
+    """A decoder-style ConvTranspose (stride 2, output padding, groups) between trained convs."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.ReLU(),
+                          nn.Conv2d(6, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    manifest, _ = _compile_and_compare(model, tmp_path, (2, 3, 12, 10), 2, patch, classes=5)
+    # The transposed conv's weight and bias ("3.*") train between the two trained convs.
+    assert manifest["trainable_params"] == ["2.weight", "2.bias", "3.weight", "3.bias", "5.weight", "5.bias"]

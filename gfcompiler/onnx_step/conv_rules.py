@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from gfcompiler.errors import UnsupportedModelError
+
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.onnx_step.conv_backward import ConvAttrs, build_exact_conv_backward
 from gfcompiler.onnx_step.rules_api import GradContext, GradRule, spatially_constant_source
 from gfcompiler.passes import filter_ops
+
+
+def _conv_attrs(node: ir.Node) -> ConvAttrs:
+    try:
+        return ConvAttrs.from_node(node)
+    except (ValueError, NotImplementedError) as error:
+        raise UnsupportedModelError(f"no gradient for Conv {node.name!r}: {error}") from None
 
 
 def exact_conv(ctx: GradContext, dys: list[ir.Value | None]) -> list[ir.Value | None]:
@@ -22,7 +31,7 @@ def exact_conv(ctx: GradContext, dys: list[ir.Value | None]) -> list[ir.Value | 
     x, w = ctx.inputs[0], ctx.inputs[1]
     needs = ctx.needs + [False] * (3 - len(ctx.needs))
     dx, dw, db = build_exact_conv_backward(
-        ctx.e, dys[0], x, w, ConvAttrs.from_node(ctx.node),
+        ctx.e, dys[0], x, w, _conv_attrs(ctx.node),
         needs_input_grad=needs[0], needs_weight_grad=needs[1], needs_bias_grad=needs[2],
     )
     return [dx, dw, db][: len(ctx.inputs)]
@@ -48,4 +57,48 @@ def filtered_conv_rule(x_sum: ir.Value, w_sum: ir.Value, geometry: FilterGeometr
     return filtered_conv
 
 
-RULES: dict[str, GradRule] = {"Conv": exact_conv}
+def _static_dims(value: ir.Value) -> list | None:
+    if value.shape is None or not all(isinstance(d, int) for d in list(value.shape)[1:]):
+        return None
+    return list(value.shape)
+
+
+def conv_transpose(ctx: GradContext, dys: list[ir.Value | None]) -> list[ir.Value | None]:
+    """Y = ConvTranspose(X, W, b) is the input gradient of the conv C(A) = Conv(A, W) at dC = X.
+
+    So dX = Conv(dY, W) with the same strides, pads, dilations and groups; dW is that
+    conv's weight gradient with dY as its input and X as its output gradient
+    (`conv_backward`); dB = ΣdY. 2-D, explicit pads (``output_padding`` only adds rows
+    the equivalent conv never reads).
+    """
+    node, e = ctx.node, ctx.e
+    x, w, y, dy = ctx.inputs[0], ctx.inputs[1], ctx.outputs[0], dys[0]
+    attrs = node.attributes
+    x_dims, y_dims, w_dims = _static_dims(x), _static_dims(y), _static_dims(w)
+    if x_dims is None or y_dims is None or w_dims is None or len(x_dims) != 4 or len(w_dims) != 4:
+        raise UnsupportedModelError(f"no gradient rule for ConvTranspose {node.name!r}: needs a 2-D transposed conv "
+                                    "with known channel and spatial sizes")
+    if attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or "output_shape" in attrs:
+        raise UnsupportedModelError(f"no gradient rule for ConvTranspose {node.name!r} with auto_pad/output_shape; "
+                                    "export it with explicit pads")
+    group = attrs.get_int("group", 1)
+    equivalent = ConvAttrs(
+        kernel=tuple(w_dims[2:]), strides=tuple(attrs.get_ints("strides", [1, 1])),
+        pads=tuple(attrs.get_ints("pads", [0, 0, 0, 0])), dilations=tuple(attrs.get_ints("dilations", [1, 1])),
+        group=group, batch=x_dims[0], in_channels=y_dims[1], height=y_dims[2], width=y_dims[3],
+        out_channels=x_dims[1],
+    )
+    needs = ctx.needs + [False] * (3 - len(ctx.needs))
+    dx = dw = db = None
+    if needs[0]:
+        dx = e.op("Conv", [dy, w], "dX", kernel_shape=list(equivalent.kernel), strides=list(equivalent.strides),
+                  pads=list(equivalent.pads), dilations=list(equivalent.dilations), group=group)
+    if needs[1]:
+        _, dw, _ = build_exact_conv_backward(e, x, dy, w, equivalent, needs_input_grad=False,
+                                             needs_weight_grad=True, needs_bias_grad=False)
+    if needs[2]:
+        db = e.op("ReduceSum", [dy, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
+    return [dx, dw, db][: len(ctx.inputs)]
+
+
+RULES: dict[str, GradRule] = {"Conv": exact_conv, "ConvTranspose": conv_transpose}
