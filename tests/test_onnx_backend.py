@@ -179,3 +179,33 @@ def test_conv_transpose_in_the_trained_region(tmp_path, patch):
     manifest, _ = _compile_and_compare(model, tmp_path, (2, 3, 12, 10), 2, patch, classes=5)
     # The transposed conv's weight and bias ("3.*") train between the two trained convs.
     assert manifest["trainable_params"] == ["2.weight", "2.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
+
+
+class DetectionHead(nn.Module):
+    """Detection/segmentation-head ops between trained convs: Split, Sigmoid·Mul, Concat, Resize, Transpose, MaxPool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(16, 10, 3, padding=1)
+        self.out = nn.Conv2d(10, 6, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        b = self.down(a)
+        gate, value = torch.split(b, [4, 8], dim=1)
+        b = torch.sigmoid(gate).repeat(1, 2, 1, 1) * value
+        b = nn.functional.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False)
+        c = self.fuse(torch.cat([a, b], dim=1))
+        c = nn.functional.max_pool2d(torch.tanh(c), 2)
+        c = nn.functional.interpolate(c, scale_factor=2, mode="nearest")
+        y = self.out(c).permute(0, 2, 3, 1).reshape(x.shape[0], -1, 6).mean(dim=1)
+        return y
+
+
+@pytest.mark.parametrize("patch", [0, 2])
+def test_detection_head_ops(tmp_path, patch):
+    torch.manual_seed(5)
+    manifest, _ = _compile_and_compare(DetectionHead().eval(), tmp_path, (2, 3, 16, 12), 3, patch, classes=6)
+    assert manifest["totals"]["trained_layers"] == 3
