@@ -53,6 +53,9 @@ CASES = {
     "3x3 512ch 7x7 N8": _conv(512, 512, 7, 7, (3, 3), 8),
     "dw 3x3 960ch 7x7 N8": _conv(960, 960, 7, 7, (3, 3), 8, group=960),
     "1x1 320->1280 7x7 N8": _conv(320, 1280, 7, 7, (1, 1), 8, pads=(0, 0, 0, 0)),
+    # The small MNIST CNN of `gfc demo` at its training batch (small maps, large batch).
+    "3x3 s2 8->16ch 28x28 N32": _conv(8, 16, 28, 28, (3, 3), 32, strides=(2, 2)),
+    "3x3 s2 16->32ch 14x14 N32": _conv(16, 32, 14, 14, (3, 3), 32, strides=(2, 2)),
 }
 
 

@@ -261,8 +261,17 @@ def _apply_axis(ctx: GradContext, grad: ir.Value, axis: int, rank: int, matrix: 
 
 
 def _where(ctx: GradContext, condition: ir.Value, then: ir.Value, otherwise: ir.Value | None, name: str) -> ir.Value:
-    return ctx.e.op("Where", [condition, then, otherwise if otherwise is not None else _scalar(ctx, "zero", 0.0)],
-                    name)
+    """``then`` where ``condition``, else ``otherwise`` (zero when None).
+
+    The zero case is ``then · float(condition)``: onnxruntime's CPU ``Where`` is 3–10× slower
+    than a ``Cast`` and a ``Mul`` (a ReLU's gradient at 8×64×56×56: 18.5 vs 6.9 ms, 1.19.2).
+    A NaN/Inf in ``then`` survives the mask, which only matters when the loss is
+    already non-finite (and the step leaves the state unchanged then).
+    """
+    if otherwise is None:
+        mask = ctx.e.op("Cast", [condition], f"{name}_mask", to=_onnx_dtype(ctx))
+        return ctx.e.op("Mul", [then, mask], name)
+    return ctx.e.op("Where", [condition, then, otherwise], name)
 
 
 def _constant_ints(ctx: GradContext, value: ir.Value | None, what: str) -> list[int] | None:
