@@ -5,16 +5,30 @@ parameter, its gradient and its optimizer state (`state_slots`), and returns fre
 values for the updated parameters and states, which the caller wires to the graph
 outputs ``<param>.updated`` and ``<slot>.updated``.
 
-The update follows torch's single-tensor implementations (``_single_tensor_adam``
-with decoupled weight decay, ``_single_tensor_sgd``; torch's default on CPU)
-operation by operation, so the two differ only where torch's CPU kernels fuse a
-multiply-add (``lerp``/``add`` with alpha may use FMA): a float32 ulp now and then.
+SGD follows torch's single-tensor implementation (``_single_tensor_sgd``; torch's
+default on CPU) operation by operation, so the two differ only where torch's CPU
+kernels fuse a multiply-add: a float32 ulp now and then. AdamW (``_single_tensor_adam``
+with decoupled weight decay) computes the same update, rearranged to make fewer passes
+over the parameter-sized tensors (its cost is memory traffic):
 
+* **The AdamW state is kept pre-scaled.** Slot ``exp_avg`` holds M = m/(1 − β1) and
+  ``exp_avg_sq`` holds V = v/(1 − β2), where m and v are torch's ``exp_avg`` and
+  ``exp_avg_sq`` (multiply by 0.1 and 0.001 to get torch's). Then M' = β1·M + g and
+  V' = β2·V + g·g (2 and 3 ops instead of 3 and 4), and the bias corrections, eps,
+  1 − β1 and 1 − β2 fold into two per-step scalars:
+  p' = p·decay + (M'·(−s))/(sqrt(V') + eps'), with s = lr·(1 − β1)/bc1 · bc2_sqrt/sqrt(1 − β2)
+  and eps' = eps·bc2_sqrt/sqrt(1 − β2) (bc1 = 1 − β1^t, bc2_sqrt = sqrt(1 − β2^t)).
+  The rounding order differs from torch's, so single elements differ by a few float32
+  ulps (tests/test_onnx_optimizers.py still agrees at rtol 1e-6 of the tensor's scale).
+  The runtime treats state as opaque tensors (zeros at the start, checkpointed and
+  restored as they are), so only a reader of the checkpoint that expects torch's
+  moments needs the scale factors; V ≥ 0 overflows to Inf at |g| ≥ 1.8e19 where torch's
+  v would at 5.8e20.
 * Everything that depends only on ``lr`` and ``step`` (decay factor, bias
   corrections, step size) is computed once per step on scalars, in float64 as
   torch does in Python, and rounded to float32 once, as torch rounds a Python
   scalar operand for a float32 kernel. Per parameter only full-tensor ops remain:
-  AdamW 14 (13 without weight decay), SGD at most 6; one more when guarded (the
+  AdamW 11 (10 without weight decay), SGD at most 6; one more when guarded (the
   ``Where`` on the gradient, below).
 * Every scalar that meets a full parameter tensor is shaped ``[1]*rank`` (the
   parameter's rank): one ``Reshape`` of each computed scalar, one initializer of
@@ -49,8 +63,8 @@ second copy of it) need two things of the step graph, both built here when
   enter the update as ``Where(ok, g, 0)`` (one pass per parameter, as costly as about
   three Muls in onnxruntime's CPU kernels: a NaN gradient times a zero coefficient
   would still be NaN, so no cheaper gate will do), and the step's scalar coefficients
-  become the identity's: AdamW's decay factor 1, 1 − β1 → 0, β2 → 1, step size → 0,
-  giving m + (0 − m)·0 = m, v·1 + (0·(1 − β2))·0 = v and p·1 + (m·0)/denom = p;
+  become the identity's: AdamW's decay factor 1, β1 → 1, β2 → 1, step size s → 0
+  (eps' stays positive), giving M·1 + 0 = M, V·1 + 0·0 = V and p·1 + (M·0)/denom = p;
   SGD's weight decay → 0, momentum → 1 and −lr → 0, giving buf·1 + (0 + p·0) = buf
   and p + buf·0 = p. The additions of ±0 are exact for every finite value
   except −0.0, which comes back as +0.0 (equal as numbers; a state that starts as
@@ -82,7 +96,9 @@ class StateSlot:
     """One optimizer state tensor of one parameter (shape and dtype: the parameter's)."""
 
     param: str  # parameter name
-    kind: str  # "exp_avg" | "exp_avg_sq" | "momentum_buffer"
+    # "exp_avg" | "exp_avg_sq" | "momentum_buffer". AdamW's are torch's names, but hold its moments pre-scaled:
+    # exp_avg/(1 − β1) and exp_avg_sq/(1 − β2) (module docstring); momentum_buffer is torch's as it is.
+    kind: str
     name: str  # graph input name, f"{param}.{kind}"
 
 
@@ -170,49 +186,48 @@ def build_update(e: Emitter, spec: OptimizerSpec, params: dict[str, ir.Value], g
         beta1, beta2 = ADAM_BETAS
         one = shared.scalar("one", 1.0, np.float64)
         step64 = shared.op("Cast", [step], "step_f64", to=ir.DataType.DOUBLE)
-        # torch (Python floats): bias_correction1 = 1 - beta1**step; step_size = lr / bias_correction1;
-        # bias_correction2_sqrt = (1 - beta2**step)**0.5; the decoupled decay factor 1 - lr*wd.
+        # The state is kept pre-scaled (module docstring): M = m/(1 − β1), V = v/(1 − β2), so that
+        # M' = β1·M + g, V' = β2·V + g·g, and torch's p·decay − step_size·m/(sqrt(v)/bc2_sqrt + eps)
+        # becomes p·decay + (M'·(−s))/(sqrt(V') + eps') with, in float64 per step,
+        # s = lr·(1 − β1)/bc1 · bc2_sqrt/sqrt(1 − β2) and eps' = eps·bc2_sqrt/sqrt(1 − β2).
         bc1 = shared.op("Sub", [one, shared.op("Pow", [shared.scalar("beta1", beta1, np.float64), step64], "beta1_pow")],
                         "bias_correction1")
         bc2 = shared.op("Sub", [one, shared.op("Pow", [shared.scalar("beta2", beta2, np.float64), step64], "beta2_pow")],
                         "bias_correction2")
-        neg_step_size = _f32(shared, shared.op("Neg", [shared.op("Div", [lr64, bc1], "step_size_f64")], "neg_step_size_f64"),
-                             "neg_step_size")
-        bc2_sqrt = _f32(shared, shared.op("Sqrt", [bc2], "bias_correction2_sqrt_f64"), "bias_correction2_sqrt")
+        # bc2_sqrt/sqrt(1 − β2), in float64
+        v_scale = shared.op("Div", [shared.op("Sqrt", [bc2], "bias_correction2_sqrt_f64"),
+                                    shared.scalar("sqrt_one_minus_beta2", float(np.sqrt(1 - beta2)), np.float64)],
+                            "v_scale_f64")
+        step_size = shared.op("Mul", [shared.op("Div", [lr64, bc1], "step_size_f64"), v_scale], "scaled_step_size_f64")
+        neg_step_size = _f32(shared, shared.op("Neg", [shared.op("Mul", [step_size, shared.scalar("one_minus_beta1", 1 - beta1,
+                                                                                                  np.float64)],
+                                                                 "m_step_size_f64")], "neg_step_size_f64"), "neg_step_size")
+        eps = _f32(shared, shared.op("Mul", [v_scale, shared.scalar("eps", ADAM_EPS, np.float64)], "eps_f64"), "eps")
         decay = None
         if wd != 0:
             decay = _f32(shared, shared.op("Sub", [one, shared.op("Mul", [lr64, shared.scalar("wd", wd, np.float64)], "lr_wd")],
                                            "decay_f64"), "decay")
-        # Python-float constants (as torch's float32 kernels see them) and the step's scalars, at each rank.
-        # Guarded (``ok`` false): decay 1, 1 − β1 → 0, β2 → 1, step size 0; 1 − β2 meets a zero gradient.
-        scalars = _RankedScalars(shared, {"one_minus_beta1": gated("one_minus_beta1", 1 - beta1, 0.0),
-                                          "beta2_f32": gated("beta2", beta2, 1.0), "one_minus_beta2": 1 - beta2,
-                                          "eps": ADAM_EPS, "decay": gated("decay", decay, 1.0),
-                                          "bias_correction2_sqrt": bc2_sqrt,
+        # Guarded (``ok`` false): decay 1, β1 → 1, β2 → 1, step size 0 (eps' stays > 0: (M·0)/denom = 0).
+        scalars = _RankedScalars(shared, {"beta1_f32": gated("beta1", beta1, 1.0), "beta2_f32": gated("beta2", beta2, 1.0),
+                                          "eps": eps, "decay": gated("decay", decay, 1.0),
                                           "neg_step_size": gated("neg_step_size", neg_step_size, 0.0), **guard})
         for name, p in params.items():
             pe = _child(e, f"{name}/adamw")
             s = scalars.at(_rank(p))
-            one_minus_beta1, beta2_32, one_minus_beta2, eps = (s["one_minus_beta1"], s["beta2_f32"], s["one_minus_beta2"],
-                                                               s["eps"])
-            decay, bc2_sqrt, neg_step_size = s["decay"], s["bias_correction2_sqrt"], s["neg_step_size"]
+            beta1_32, beta2_32, eps, decay, neg_step_size = (s["beta1_f32"], s["beta2_f32"], s["eps"], s["decay"],
+                                                             s["neg_step_size"])
             g, m, v = guarded_grad(pe, s, grads[name]), state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
             if decay is not None:
                 p = pe.op("Mul", [p, decay], "decayed")  # param.mul_(1 - lr*wd)
             # Emission order (the numbers do not depend on it): onnxruntime's default execution order is a
             # depth-first walk from the outputs that computes, of a node's inputs, the one made by the
-            # later-emitted node first; in this order at most three parameter-sized temporaries are alive
-            # at once (the decayed parameter waits until delta is done; (−step_size)·m waits for denom only).
-            # exp_avg.lerp_(grad, 1 - beta1): m + w·(g − m) (torch's lerp for |w| < 0.5)
-            m = pe.op("Add", [m, pe.op("Mul", [pe.op("Sub", [g, m], "g_minus_m"), one_minus_beta1], "m_delta")], "exp_avg")
-            m_step = pe.op("Mul", [m, neg_step_size], "m_step")  # (−step_size)·m, for addcdiv below
-            # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): v·β2 + ((1−β2)·g)·g
-            v = pe.op("Add", [pe.op("Mul", [v, beta2_32], "v_scaled"),
-                              pe.op("Mul", [pe.op("Mul", [g, one_minus_beta2], "g_scaled"), g], "g_sq")], "exp_avg_sq")
-            # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            denom = pe.op("Add", [pe.op("Div", [pe.op("Sqrt", [v], "v_sqrt"), bc2_sqrt], "v_sqrt_corrected"), eps], "denom")
-            # param.addcdiv_(exp_avg, denom, value=-step_size): p + ((−step_size)·m)/denom
-            delta = pe.op("Div", [m_step, denom], "delta")
+            # later-emitted node first, which keeps few parameter-sized temporaries alive at once.
+            m = pe.op("Add", [pe.op("Mul", [m, beta1_32], "m_scaled"), g], "exp_avg")  # M' = β1·M + g
+            v = pe.op("Add", [pe.op("Mul", [v, beta2_32], "v_scaled"), pe.op("Mul", [g, g], "g_sq")],
+                      "exp_avg_sq")  # V' = β2·V + g·g
+            denom = pe.op("Add", [pe.op("Sqrt", [v], "v_sqrt"), eps], "denom")
+            # (M'·(−s))/denom: with s = 0 (ok false) that is 0/denom = 0 even where M'/denom would overflow
+            delta = pe.op("Div", [pe.op("Mul", [m, neg_step_size], "m_step"), denom], "delta")
             new_params[name] = _like(pe.op("Add", [p, delta], "param"), params[name])
             new_state[f"{name}.exp_avg"] = _like(m, params[name])
             new_state[f"{name}.exp_avg_sq"] = _like(v, params[name])
