@@ -56,6 +56,8 @@ CASES = {
     # The small MNIST CNN of `gfc demo` at its training batch (small maps, large batch).
     "3x3 s2 8->16ch 28x28 N32": _conv(8, 16, 28, 28, (3, 3), 32, strides=(2, 2)),
     "3x3 s2 16->32ch 14x14 N32": _conv(16, 32, 14, 14, (3, 3), 32, strides=(2, 2)),
+    "3x3 64ch 56x56 N8": _conv(64, 64, 56, 56, (3, 3), 8),
+    "3x3 32ch 28x28 N32": _conv(32, 32, 28, 28, (3, 3), 32),
 }
 
 
