@@ -135,39 +135,8 @@ def _pad(e: Emitter, v: ir.Value, pads, name: str) -> ir.Value:
 
 
 def dw_conv_spec(e, dy, x, w, conv):
-    """SPEC's starting point, dW = Conv(Xᵀ, dYᵀ): Xᵀ is cig × (g·N) × H × W, dYᵀ Co × N × Ho × Wo
-    (the kernel), group g.
-
-    Each group of that conv correlates the group's N-channel X images with its
-    output channels' dY: the conv's strides become dilations and its dilations
-    strides, its pads stay (the end pad trimmed so no taps past kh × kw are computed).
-    The result is cig × Co × kh × kw.
-    """
-    g, cig, h, wd = conv.group, conv.in_per_group, conv.height, conv.width
-    ho, wo = conv.out_height, conv.out_width
-    if g == 1 or cig == 1:
-        xt = cb._batch_to_channels(e, x, conv.batch, (conv.in_channels, h, wd), "Xt")
-        if g > 1:
-            xt = e.op("Reshape", [xt, e.ints("Xt_groups_shape", [1, -1, h, wd])], "Xt_groups")
-    else:
-        xt = e.op("Reshape", [x, e.ints("X_groups_shape", [-1, g, cig, h, wd])], "X_groups")
-        xt = e.op("Transpose", [xt], "Xt_groups", perm=[2, 1, 0, 3, 4])
-        xt = e.op("Reshape", [xt, e.ints("Xt_shape", [cig, -1, h, wd])], "Xt")
-    dyt = cb._batch_to_channels(e, dy, conv.batch, (conv.out_channels, ho, wo), "dYt")
-    pads, taps = [0, 0, 0, 0], []
-    for a, (size, out, k, s, d) in enumerate(zip((h, wd), (ho, wo), conv.kernel, conv.strides, conv.dilations)):
-        begin = conv.pads[a]
-        end = max(min(conv.pads[a + 2], (k - 1) * d + (out - 1) * s + 1 - size - begin), 0)
-        pads[a], pads[a + 2] = begin, end
-        taps.append((size + begin + end - (out - 1) * s - 1) // d + 1)
-    r = e.op("Conv", [xt, dyt], "dW_conv", kernel_shape=[ho, wo], strides=list(conv.dilations),
-             dilations=list(conv.strides), pads=pads, group=g)
-    if tuple(taps) != conv.kernel:  # the end pad could not be trimmed (it was already 0)
-        r = e.op("Slice", [r, e.ints("dW_taps_start", [0, 0]), e.ints("dW_taps_end", list(conv.kernel)),
-                           e.ints("dW_taps_axes", [2, 3])], "dW_taps")
-    if cig == 1:
-        return e.op("Reshape", [r, e.ints("dW_shape", list(conv.weight_shape))], "dW")
-    return e.op("Transpose", [r], "dW", perm=[1, 0, 2, 3])
+    """dW = Conv(Xᵀ, dYᵀ), the module's `_weight_grad_correlation`, timed on every ungrouped conv."""
+    return cb._weight_grad_correlation(e, dy, x, conv)
 
 
 def dw_depthwise_mul(e, dy, x, w, conv):
@@ -263,7 +232,8 @@ def alternatives(conv: ConvAttrs) -> dict[str, tuple[int, Callable]]:
         out["dX:conv-flipped"] = (0, lambda e, dy, x, w, c: cb._input_grad_flipped_conv(e, dy, w, c))
         if conv.is_depthwise:
             out["dX:depthwise-taps"] = (0, dx_depthwise_taps)
-    out["dW:conv-spec"] = (1, dw_conv_spec)
+    if conv.group == 1:
+        out["dW:conv-spec"] = (1, dw_conv_spec)
     shiftable = [a for a in (0, 1) if conv.strides[a] == 1 and conv.kernel[a] > 1]
     for side in ("dY", "X"):
         out[f"dW:gemm-A{side}"] = (1, dw_gemm((), side))

@@ -138,15 +138,20 @@ def check_loadable(directory: Path) -> None:
                 else:
                     ort.InferenceSession(os.fspath(directory / name), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
-        missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']+)'", str(error))
-        if missing:
-            kernel, node = missing.groups()
-            raise UnsupportedModelError(
-                f"onnxruntime-training has no CPU kernel for {kernel} (node {node}), needed to train "
-                "through that op; train fewer layers (--layers) so it stays frozen"
-            ) from None
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ArtifactError(f"internal error: onnxruntime refuses the generated artifacts: {first[-400:]}") from None
+        raise _refusal(error, "onnxruntime-training", "artifacts") from None
+
+
+def _refusal(error: Exception, runtime: str, what: str) -> Exception:
+    """onnxruntime's refusal of a generated model in the model's terms: a missing kernel names its op."""
+    missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']+)'", str(error))
+    if missing:
+        kernel, node = missing.groups()
+        return UnsupportedModelError(
+            f"{runtime} has no CPU kernel for {kernel} (node {node}), needed to train through that op; "
+            "train fewer layers (--layers) so it stays frozen"
+        )
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ArtifactError(f"internal error: onnxruntime refuses the generated {what}: {first[-400:]}")
 
 
 def check_models_loadable(directory: Path, names: list[str]) -> None:
@@ -160,12 +165,4 @@ def check_models_loadable(directory: Path, names: list[str]) -> None:
         try:
             ort.InferenceSession(os.fspath(directory / name), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types
-            missing = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']+)'", str(error))
-            if missing:
-                kernel, node = missing.groups()
-                raise UnsupportedModelError(
-                    f"onnxruntime has no CPU kernel for {kernel} (node {node}), needed to train through that op; "
-                    "train fewer layers (--layers) so it stays frozen"
-                ) from None
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ArtifactError(f"internal error: onnxruntime refuses the generated {name}: {first[-400:]}") from None
+            raise _refusal(error, "onnxruntime", name) from None
