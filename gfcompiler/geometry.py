@@ -46,11 +46,11 @@ class ConvShape:
 
     @property
     def out_height(self) -> int:
-        return _out_size(self.height, self.kernel[0], self.strides[0], self.pads[0] + self.pads[2], self.dilations[0])
+        return conv_out_size(self.height, self.kernel[0], self.strides[0], self.pads[0] + self.pads[2], self.dilations[0])
 
     @property
     def out_width(self) -> int:
-        return _out_size(self.width, self.kernel[1], self.strides[1], self.pads[1] + self.pads[3], self.dilations[1])
+        return conv_out_size(self.width, self.kernel[1], self.strides[1], self.pads[1] + self.pads[3], self.dilations[1])
 
     @property
     def in_per_group(self) -> int:
@@ -74,7 +74,8 @@ class ConvShape:
         return batch * self.out_channels * self.out_height * self.out_width * self.in_per_group * kh * kw
 
 
-def _out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:
+def conv_out_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int) -> int:
+    """Output length of a convolution along one axis (ONNX/torch floor rule)."""
     return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
 
 

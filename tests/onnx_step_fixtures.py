@@ -367,3 +367,19 @@ def ort_training_available() -> bool:
     except TrainingBuildMissing:
         return False
     return True
+
+
+def fake_ort_training_dir(tmp_path: Path) -> Path:
+    """A format 2 (ort-training) artifact directory whose files are empty: enough to be refused
+    where onnxruntime-training is missing (the manifest is the step fixture's, stripped back)."""
+    from gfcompiler.manifest import FILES
+
+    directory = tmp_path / "ort-training"
+    directory.mkdir()
+    for name in FILES.values():
+        (directory / name).write_bytes(b"")
+    manifest = json.loads((step_artifacts() / "manifest.json").read_text())
+    for key in ("step", "form", "backend", "file_digests"):
+        manifest.pop(key)
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 2, "files": FILES}))
+    return directory

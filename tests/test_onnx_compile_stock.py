@@ -46,6 +46,17 @@ def tiny_cnn(path, batch=None) -> None:
     onnx.save(model, str(path))
 
 
+def train_a_little(artifacts):
+    """25 steps on one fixed batch must bring the loss below 0.7 of its start; returns (trainer, x, y, losses)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 4, 8).astype(np.int64)
+    trainer = Trainer(artifacts)
+    losses = [trainer.step(x, y, lr=1e-2) for _ in range(25)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    return trainer, x, y, losses
+
+
 @pytest.mark.parametrize("patch", [0, 2])
 def test_compile_train_eval_export_on_plain_onnxruntime(tmp_path, patch):
     tiny_cnn(tmp_path / "tiny.onnx")
@@ -53,12 +64,7 @@ def test_compile_train_eval_export_on_plain_onnxruntime(tmp_path, patch):
                              CompileOptions(layers=2, patch=patch, backend="onnx"))
     assert manifest["backend"] == "onnx"
     assert manifest["totals"]["filtered_layers"] == (2 if patch else 0)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
-    y = rng.integers(0, 4, 8).astype(np.int64)
-    trainer = Trainer(tmp_path / "out")
-    losses = [trainer.step(x, y, lr=1e-2) for _ in range(25)]
-    assert losses[-1] < 0.7 * losses[0], losses
+    trainer, x, y, losses = train_a_little(tmp_path / "out")
     result = trainer.evaluate((x, y))
     assert result["samples"] == 8 and result["loss"] < losses[0]
     exported = trainer.export(tmp_path / "tuned.onnx")
@@ -100,11 +106,6 @@ def test_conv_head_logits_train_per_class(tmp_path):
     graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 1, 1]))
     onnx_module.save(model, str(tmp_path / "convhead.onnx"))
     compile_model(tmp_path / "convhead.onnx", tmp_path / "out", CompileOptions(layers=2, patch=2, backend="onnx"))
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
-    y = rng.integers(0, 4, 8).astype(np.int64)
-    trainer = Trainer(tmp_path / "out")
-    losses = [trainer.step(x, y, lr=1e-2) for _ in range(25)]
-    assert losses[-1] < 0.7 * losses[0], losses
+    trainer, x, y, losses = train_a_little(tmp_path / "out")
     assert 0 <= trainer.evaluate((x, y))["accuracy"] <= 1
     trainer.export(tmp_path / "tuned.onnx")

@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 from onnx_step_fixtures import (
+    fake_ort_training_dir,
     CLASSES,
     NumpyStep,
     build_step_artifacts,
@@ -28,7 +29,6 @@ from onnx_step_fixtures import (
 )
 
 from gfcompiler.errors import ArtifactError, InputError, OutputError, TrainingError
-from gfcompiler.manifest import FILES
 from gfcompiler.runtime import RunDir, Trainer, load_dataset, open_artifacts, train
 from gfcompiler.runtime.cli import main as runtime_main
 from gfcompiler.runtime.onnx_engine import STEP_KEY, OnnxStepEngine
@@ -416,14 +416,7 @@ def test_ort_training_artifacts_without_onnxruntime_training(tmp_path, monkeypat
     from gfcompiler import ort_training
     from gfcompiler.runtime import ort_engine
 
-    directory = tmp_path / "ort"
-    directory.mkdir()
-    for name in FILES.values():
-        (directory / name).write_bytes(b"")
-    manifest = json.loads((step_artifacts() / "manifest.json").read_text())
-    for key in ("step", "form", "backend", "file_digests"):
-        manifest.pop(key)
-    (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 2, "files": FILES}))
+    directory = fake_ort_training_dir(tmp_path)
     if ort_training_available():  # pretend it is missing, as on aarch64 or Python 3.13
 
         def missing():

@@ -10,14 +10,12 @@ runtime must still not load those packages.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 
-from onnx_step_fixtures import fresh_step_copy, step_artifacts, synthetic_npz
+from onnx_step_fixtures import fake_ort_training_dir, fresh_step_copy, synthetic_npz
 
-from gfcompiler.manifest import FILES
 
 BLOCKED = ("onnx", "onnx_ir", "networkx", "torch")
 
@@ -86,25 +84,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _ort_training_dir(tmp_path):
-    """A format 2 (ort-training) directory: its files need not be real to be refused."""
-    directory = tmp_path / "ort-training"
-    directory.mkdir()
-    for name in FILES.values():
-        (directory / name).write_bytes(b"")
-    manifest = json.loads((step_artifacts() / "manifest.json").read_text())
-    for key in ("step", "form", "backend", "file_digests"):
-        manifest.pop(key)
-    (directory / "manifest.json").write_text(json.dumps({**manifest, "format": 2, "files": FILES}))
-    return directory
-
-
 def _run(tmp_path, block: bool) -> subprocess.CompletedProcess:
     script = SCRIPT.format(blocked=BLOCKED, block=block)
     artifacts = fresh_step_copy(tmp_path)
     data = synthetic_npz(tmp_path / "data.npz", n=128)
     return subprocess.run(
-        [sys.executable, "-c", script, str(artifacts), str(data), str(tmp_path), str(_ort_training_dir(tmp_path))],
+        [sys.executable, "-c", script, str(artifacts), str(data), str(tmp_path), str(fake_ort_training_dir(tmp_path))],
         capture_output=True, text=True, timeout=180,
     )
 

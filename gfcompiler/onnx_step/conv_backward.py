@@ -34,6 +34,7 @@ import dataclasses
 import onnx_ir as ir
 
 from gfcompiler.geometry import ceil_div
+from gfcompiler.geometry import conv_out_size
 from gfcompiler.onnx_step.emit import Emitter
 
 
@@ -131,11 +132,11 @@ class ConvAttrs:
 
     @property
     def out_height(self) -> int:
-        return _out_size(self.height, self.dilated_kernel[0], self.strides[0], self.pads[0] + self.pads[2])
+        return conv_out_size(self.height, self.kernel[0], self.strides[0], self.pads[0] + self.pads[2], self.dilations[0])
 
     @property
     def out_width(self) -> int:
-        return _out_size(self.width, self.dilated_kernel[1], self.strides[1], self.pads[1] + self.pads[3])
+        return conv_out_size(self.width, self.kernel[1], self.strides[1], self.pads[1] + self.pads[3], self.dilations[1])
 
     @property
     def in_per_group(self) -> int:
@@ -460,8 +461,6 @@ def _static(dim) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _out_size(size: int, dilated_kernel: int, stride: int, pad_total: int) -> int:
-    return (size + pad_total - dilated_kernel) // stride + 1
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:

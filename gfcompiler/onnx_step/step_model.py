@@ -93,15 +93,16 @@ def _copy(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
-def _parameters_to_inputs(graph: ir.Graph, names: list[str]) -> dict[str, np.ndarray]:
-    """Turn the named initializers into graph inputs (in ``names`` order); returns their values."""
-    values = {}
+def _parameters_to_inputs(graph: ir.Graph, names: list[str]) -> tuple[dict[str, ir.Value], dict[str, np.ndarray]]:
+    """Turn the named initializers into graph inputs (in ``names`` order); returns (inputs, initial arrays)."""
+    inputs, arrays = {}, {}
     for name in names:
         value = graph.initializers.pop(name)
-        values[name] = value.const_value.numpy().copy()
+        arrays[name] = value.const_value.numpy().copy()
         value.const_value = None
         graph.inputs.append(value)
-    return values
+        inputs[name] = value
+    return inputs, arrays
 
 
 def _keep_outputs(model: ir.Model, outputs: list[ir.Value]) -> None:
@@ -167,11 +168,11 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
     graph = step.graph
     trainable = list(selection.trainable_params)
     output = _model_output(step)
-    convs = {node.name: node for node in graph if node.name in {c.name for c in selection.trained_convs}}
+    trained_names = {conv.name for conv in selection.trained_convs}
+    convs = {node.name: node for node in graph if node.name in trained_names}
     names = _graph_names(graph)
 
-    initial = _parameters_to_inputs(graph, trainable)
-    params = {name: next(v for v in graph.inputs if v.name == name) for name in trainable}
+    params, initial = _parameters_to_inputs(graph, trainable)
 
     # Forward summaries of filtered convs, inserted right before each conv.
     summaries: dict[str, tuple[ir.Value, ir.Value, list[ir.Node]]] = {}
