@@ -57,3 +57,4 @@ EXIT_CODES = {
     TrainingError.exit_code: "training stopped (NaN/Inf loss, device unavailable)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
+EXIT_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())

@@ -96,7 +96,7 @@ def test_eval_predict_and_evaluate():
     evaluation = trainer.evaluate((x, y), batch_size=32)
     assert evaluation["samples"] == 100 and set(evaluation) == {"loss", "accuracy", "samples"}
     assert evaluation["accuracy"] == pytest.approx(float((logits.argmax(1) == y).mean()))
-    from gfcompiler.runtime.trainer import numpy_loss
+    from gfcompiler.runtime.losses import numpy_loss
 
     assert evaluation["loss"] == pytest.approx(numpy_loss("cross_entropy", logits, y), rel=1e-4)
     assert loss == pytest.approx(numpy_loss("cross_entropy", logits, y), rel=1e-5)

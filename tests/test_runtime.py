@@ -119,7 +119,7 @@ def test_fixed_batch_model_drops_last_partial_batch_and_pads_eval(tmp_path):
     assert trainer.predict(dataset.x).shape == (100, 10)
     # The padded last batch is scored on its 4 real samples only.
     logits = trainer.predict(dataset.x)
-    from gfcompiler.runtime.trainer import numpy_loss
+    from gfcompiler.runtime.losses import numpy_loss
 
     assert evaluation["loss"] == pytest.approx(numpy_loss("cross_entropy", logits, dataset.y), rel=1e-4)
     assert evaluation["accuracy"] == pytest.approx(float((logits.argmax(1) == dataset.y).mean()))

@@ -8,6 +8,10 @@ onnxruntime >= 1.20 (CPU or GPU build) for ``--backend onnx`` artifacts
 tests/test_runtime_imports.py and tests/test_onnx_runtime_imports.py check that in a
 process where those imports (and, for the latter, ``onnxruntime.training``) are blocked.
 
+Training modules import one way: loop (epochs, checkpoints) → trainer (`Trainer`) →
+export (inference model, verified) → losses (numpy losses); tests/test_import_layers.py
+checks it.
+
 Names are loaded lazily, so ``import gfcompiler.runtime.cli`` (done by ``gfc --help``)
 does not import onnxruntime::
 
@@ -37,6 +41,7 @@ _EXPORTS = {
     "Device": "device",
     "select_device": "device",
     "export_inference_model": "export",
+    "numpy_loss": "losses",
     "LRSchedule": "schedule",
 }
 

@@ -6,8 +6,9 @@ GfcError subclasses for problems a user can fix; the top-level CLI prints those 
 line and exits with their code. Modules that import onnxruntime are imported inside
 the handlers, so registering the commands costs nothing.
 
-``main`` runs these three commands alone (``python -m gfcompiler.runtime.cli``), with the
-same error handling, for devices where only the runtime is installed.
+``main`` runs these three commands alone (``python -m gfcompiler.runtime.cli``), for
+devices where only the runtime is installed, through the same `run_command` as ``gfc``
+(gfcompiler.commandline: one error line, exit codes, ``--debug``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ import argparse
 import json
 import sys
 
-from gfcompiler.errors import EXIT_INTERRUPTED, GfcError
-
-DATA_HELP = (
-    "a .npz with x (N×C×H×W float) and y (labels), an image folder with one sub-folder per class, "
-    "or builtin:digits / builtin:mnist (add /train or /test for a fixed 80/20 split)"
-)
-DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when it really works, else CPU; default: auto)"
+from gfcompiler.commandline import DATA_HELP, DEVICE_HELP, add_debug_flag, run_command
+from gfcompiler.errors import EXIT_INTERRUPTED
 
 
 def add_commands(subparsers) -> None:
@@ -170,21 +166,11 @@ def run_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The three runtime commands on their own, with the top-level CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="gfc-runtime", description="Train, evaluate and export gfcompiler artifacts.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except GfcError as error:
-        if args.debug:
-            raise
-        print(f"gfc {args.command}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"gfc {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    """The three runtime commands on their own, run as ``gfc`` runs them."""
+    parser = argparse.ArgumentParser(prog="gfc", description="Train, evaluate and export gfcompiler artifacts.")
+    add_debug_flag(parser)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_command(parser, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ The model is written to a temporary file beside the target,
 loaded by a plain ``InferenceSession`` on CPU, checked to take only the data input and
 to reproduce the runtime's eval outputs on a fixed batch, and only then moved into place
 with ``os.replace``.
+
+This module sits below the Trainer (loop → trainer → export → losses): it takes any
+object with the `ExportSource` attributes, which the Trainer has.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, OutputError, TrainingError
 from gfcompiler.ort_training import error_message, onnxruntime
-from gfcompiler.runtime.trainer import numpy_loss
+from gfcompiler.runtime.artifacts import Artifacts
+from gfcompiler.runtime.losses import numpy_loss
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -30,7 +35,24 @@ _PROBE_BATCH = 4
 _PROBE_SIZE = 32  # spatial size used for dynamic spatial dimensions
 
 
-def export_inference_model(trainer, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
+class InferenceWriter(Protocol):
+    """A backend engine (gfcompiler.runtime.engine), as far as exporting uses it."""
+
+    def write_inference_model(self, path: Path) -> None:
+        """The whole model with the current weights at ``path`` (unchecked)."""
+
+
+class ExportSource(Protocol):
+    """What exporting needs of a `gfcompiler.runtime.trainer.Trainer`."""
+
+    artifacts: Artifacts
+    engine: InferenceWriter
+
+    def eval_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, model output) of the eval model on one batch."""
+
+
+def export_inference_model(trainer: ExportSource, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
     """Write ``trainer``'s model with its current weights to ``path`` (atomic, verified)."""
     path = Path(path)
     if path.is_dir():
@@ -56,12 +78,12 @@ def export_inference_model(trainer, path: str | Path, *, overwrite: bool = False
     return path
 
 
-def write_inference_model(trainer, path: Path) -> None:
+def write_inference_model(trainer: ExportSource, path: Path) -> None:
     """Write ``trainer``'s whole model with its current weights to ``path`` (no checks; onnxruntime errors pass)."""
     trainer.engine.write_inference_model(Path(path))
 
 
-def probe_batch(trainer) -> tuple[np.ndarray, np.ndarray]:
+def probe_batch(trainer: ExportSource) -> tuple[np.ndarray, np.ndarray]:
     """A fixed pseudo-random batch (x, labels) shaped like the model's input and labels."""
     a = trainer.artifacts
     rng = np.random.default_rng(0)
@@ -74,7 +96,7 @@ def probe_batch(trainer) -> tuple[np.ndarray, np.ndarray]:
     return x, rng.random(label_shape).astype(np.float32)
 
 
-def verify_export(trainer, model_path: Path) -> float:
+def verify_export(trainer: ExportSource, model_path: Path) -> float:
     """Load ``model_path`` in a plain InferenceSession and compare with the trainer; returns max |diff|."""
     ort = onnxruntime()
     options = ort.SessionOptions()

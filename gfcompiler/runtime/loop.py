@@ -30,9 +30,10 @@ from gfcompiler.errors import InputError, OutputError, TrainingError
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
 from gfcompiler.runtime.checkpoints import CheckpointRecord, RunDir, default_run_dir
 from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
+from gfcompiler.runtime.losses import class_scores
 from gfcompiler.runtime.progress import MetricsLog, Progress, status_line
 from gfcompiler.runtime.schedule import LRSchedule
-from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer, class_scores
+from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer
 
 
 class _JsonRecord:

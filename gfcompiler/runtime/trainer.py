@@ -31,6 +31,8 @@ from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime import device as devices
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
 from gfcompiler.runtime.engine import create_engine
+from gfcompiler.runtime.export import export_inference_model, write_inference_model
+from gfcompiler.runtime.losses import class_scores, numpy_loss
 from gfcompiler.runtime.prefix import FrozenPrefix
 
 
@@ -208,8 +210,6 @@ class Trainer:
         InferenceSession, and the session is reused until the next training step.
         """
         if self._inference is None or self._inference[0] != self.steps_taken:
-            from gfcompiler.runtime.export import write_inference_model
-
             ort = onnxruntime()
             with tempfile.TemporaryDirectory(prefix="gfc-inference-") as scratch:
                 path = Path(scratch) / "model.onnx"
@@ -278,15 +278,7 @@ class Trainer:
 
     def export(self, path: str | Path, *, overwrite: bool = False, verify: bool = True) -> Path:
         """Write a plain inference model with the current weights; see gfcompiler.runtime.export."""
-        from gfcompiler.runtime.export import export_inference_model
-
         return export_inference_model(self, path, overwrite=overwrite, verify=verify)
-
-    def fit(self, train, config=None, **kwargs):
-        """Epochs of training over a Dataset; see gfcompiler.runtime.loop.fit."""
-        from gfcompiler.runtime.loop import TrainConfig, fit
-
-        return fit(self, train, config or TrainConfig(), **kwargs)
 
 
 def session_spinning(two_stage: bool) -> bool:
@@ -298,30 +290,6 @@ def session_spinning(two_stage: bool) -> bool:
     was 3% faster with spinning on; a ``--backend onnx`` step is one session.
     """
     return not two_stage
-
-
-def class_scores(outputs: np.ndarray) -> np.ndarray:
-    """Logits as N×classes: a conv head's N×C×1×1 output has its trailing 1×1 dimensions dropped."""
-    if outputs.ndim > 2 and all(d == 1 for d in outputs.shape[2:]):
-        return outputs.reshape(outputs.shape[:2])
-    return outputs
-
-
-def numpy_loss(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
-    """The mean loss of ``outputs`` against ``labels`` as the compiled loss computes it."""
-    out = (class_scores(outputs) if loss == "cross_entropy" else outputs).astype(np.float64)
-    if loss == "cross_entropy":
-        peak = out.max(axis=-1, keepdims=True)
-        log_z = np.log(np.exp(out - peak).sum(axis=-1)) + peak[:, 0]
-        return float(np.mean(log_z - out[np.arange(len(out)), labels.astype(np.int64)]))
-    target = labels.astype(np.float64).reshape(out.shape)
-    if loss == "mse":
-        return float(np.mean((out - target) ** 2))
-    if loss == "l1":
-        return float(np.mean(np.abs(out - target)))
-    if loss == "bce":
-        return float(np.mean(np.maximum(out, 0) - out * target + np.log1p(np.exp(-np.abs(out)))))
-    raise ValueError(f"unknown loss {loss!r}")
 
 
 def _pad(a: np.ndarray, size: int) -> np.ndarray:
