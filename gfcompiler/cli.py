@@ -1,35 +1,34 @@
-"""The ``gfc`` command line.
+"""The ``gfc`` command line: one parser for every command, run by one error handler.
 
-Every command returns an exit code; a `GfcError` is printed as one line on stderr
-(``gfc: error: ...``) and exits with its code (see `gfcompiler.errors`), with no
-traceback unless ``--debug``. Ctrl-C exits 130.
+`build_parser` registers every command (compile and inspect here; train, eval and
+export from gfcompiler.runtime.cli; bench from gfcompiler.bench.cli; demo from
+gfcompiler.demo). Registering imports no heavy module: each handler imports what it
+needs (onnx, onnxruntime) when it runs, so ``gfc --help`` stays fast. `main` runs the
+chosen command through `gfcompiler.commandline.run_command`: a `GfcError` is printed as
+one line on stderr (``gfc: error: ...``) and exits with its code (see
+`gfcompiler.errors`), with no traceback unless ``--debug``. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
-from gfcompiler import __version__
-from gfcompiler.errors import EXIT_CODES, EXIT_INTERRUPTED, GfcError
-
-SELECTION_HELP = """\
-Layer selection: --layers N trains the last N Conv nodes in the graph's node order
-(ONNX nodes are topologically sorted and exporters list them in forward order, so
-this matches "the last N layers" of the source model; default 4, or every conv of a
-smaller model); --layers a,b names Conv nodes;
---layers all trains every conv. The weights and biases of those convs and every
-parameter downstream of them (the head: Conv, Gemm, MatMul weights and biases) are
-trainable; everything else is frozen and gets no backward. BatchNorm is folded into
-the preceding conv (or frozen as a constant affine) and never uses batch statistics.
-"""
-
-EXIT_HELP = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+from gfcompiler import __version__, demo
+from gfcompiler.bench.cli import add_command as add_bench_command
+from gfcompiler.commandline import SELECTION_HELP, add_debug_flag, run_command
+from gfcompiler.errors import EXIT_HELP
+from gfcompiler.runtime.cli import add_commands as add_runtime_commands
 
 
 def _stage(message: str) -> None:
     print(f"gfc: {message}", file=sys.stderr, flush=True)
+
+
+def _warnings_only(message: str) -> None:
+    """``-q``: the compiler's progress is silent, its warnings are not."""
+    if message.startswith("warning: "):
+        _stage(message)
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -49,8 +48,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         keep_softmax=args.keep_softmax,
         single_graph=args.single_graph,
         backend=args.backend,
+        ignore_index=args.ignore_index,
     )
-    manifest = compile_model(args.model, args.output, options, progress=(lambda _: None) if args.quiet else _stage)
+    manifest = compile_model(args.model, args.output, options, progress=_warnings_only if args.quiet else _stage)
     if not args.quiet:
         print(render_summary(manifest))
     return 0
@@ -74,7 +74,13 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory (created; must not exist or be empty)")
     parser.add_argument("--layers", default=None, help="last N convs, 'all', or comma-separated Conv node names (default: last 4)")
     parser.add_argument("--patch", type=int, default=4, help="patch size r (2, 4, 7 in the paper); 0 = exact backward baseline (default 4)")
-    parser.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "l1"], default="cross_entropy")
+    parser.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "l1"], default="cross_entropy",
+                        help="cross_entropy: class indices per sample (N×C output) or per pixel (N×C×H×W output, "
+                             "labels N×H×W); bce: targets shaped like the output (a binary mask for N×1×H×W); "
+                             "mse, l1: targets shaped like the output")
+    parser.add_argument("--ignore-index", type=int, default=None, metavar="N",
+                        help="per-pixel cross_entropy: pixels labelled N are ignored (no loss, no gradient; the mean "
+                             "is over the others), as torch's ignore_index (default 255)")
     parser.add_argument("--keep-softmax", action="store_true",
                         help="with --loss cross_entropy, keep a Softmax that ends the model; by default the model is "
                              "trained on the Softmax's input (the logits), as the loss applies its own softmax, and "
@@ -95,7 +101,7 @@ def _compile_parser(subparsers) -> None:
                              "inference model (prefix_model.onnx) that the runtime runs first")
     parser.add_argument("--no-forward-pooling", action="store_true",
                         help=argparse.SUPPRESS)  # diagnostics only: shows the memory the scheduling fix saves
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary (warnings still go to stderr)")
     parser.set_defaults(handler=_cmd_compile)
 
 
@@ -117,8 +123,6 @@ def _inspect_parser(subparsers) -> None:
 
 
 def _demo_parser(subparsers) -> None:
-    from gfcompiler import demo
-
     parser = subparsers.add_parser("demo", help="the whole story on built-in real data (no arguments needed)",
                                    description=demo.__doc__.strip().splitlines()[0] if demo.__doc__ else None)
     demo.add_arguments(parser)
@@ -126,46 +130,22 @@ def _demo_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gfc`` parser with every command; each sets ``handler`` (``args -> exit code``)."""
     parser = argparse.ArgumentParser(prog="gfc", description="gradient-filtering training compiler for ONNX CNNs", epilog=EXIT_HELP)
     parser.add_argument("--version", action="version", version=f"gfcompiler {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    add_debug_flag(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _compile_parser(subparsers)
     _inspect_parser(subparsers)
-    try:
-        from gfcompiler.runtime.cli import add_commands
-    except ImportError:
-        add_commands = None
-    if add_commands is not None:
-        add_commands(subparsers)
-    try:
-        from gfcompiler.bench import add_command as add_bench
-    except ImportError:
-        add_bench = None
-    if add_bench is not None:
-        add_bench(subparsers)
+    add_runtime_commands(subparsers)
+    add_bench_command(subparsers)
     _demo_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except GfcError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"gfc: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("gfc: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # a bug: say so in one line, details under --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"gfc: internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+    """``gfc``: parse ``argv`` (default: the command line) and run the command; returns the exit code."""
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

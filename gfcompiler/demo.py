@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gfcompiler.errors import EXIT_INTERRUPTED, GfcError, InputError
+from gfcompiler.commandline import add_debug_flag, run_command
+from gfcompiler.errors import InputError
 from gfcompiler.runtime.peak_memory import MEASURE_ENV, peak_kib, reset_peak_kib
 
 RECIPE = 1  # bump when the model or the pretraining changes: the cache key includes it
@@ -202,10 +203,11 @@ def pretrained_model(options: DemoOptions, work: Path, progress, stage) -> tuple
 def finetune(name: str, patch: int, pretrained: Path, work: Path, options: DemoOptions, progress) -> VariantResult:
     """Compile ``pretrained`` with ``patch`` and fine-tune it on scikit-learn digits."""
     from gfcompiler.driver import CompileOptions, compile_model
+    from gfcompiler.manifest import Manifest
     from gfcompiler.runtime import Trainer, load_dataset, train
 
     artifacts = work / name
-    manifest = compile_model(pretrained, artifacts, CompileOptions(layers=options.layers, patch=patch))
+    manifest = Manifest.from_json(compile_model(pretrained, artifacts, CompileOptions(layers=options.layers, patch=patch)))
     before = Trainer(artifacts, "cpu", threads=options.threads)
     test = load_dataset("builtin:digits/test", before.artifacts)
     accuracy_before = before.evaluate(test)["accuracy"]
@@ -219,11 +221,10 @@ def finetune(name: str, patch: int, pretrained: Path, work: Path, options: DemoO
         raise KeyboardInterrupt
     seconds = time.perf_counter() - started
     after = Trainer(artifacts, "cpu", threads=options.threads, checkpoint=result.checkpoint.path)
-    totals = manifest.get("totals") or {}
     step_ms = float(np.mean([record["step_ms"] for record in result.history]))
     return VariantResult(
         name=name, patch=patch, accuracy_before=accuracy_before, accuracy_after=after.evaluate(test)["accuracy"],
-        step_ms=step_ms, seconds=seconds, backward_macs=totals.get("backward_macs"), held_bytes=totals.get("held_bytes"),
+        step_ms=step_ms, seconds=seconds, backward_macs=manifest.totals.backward_macs, held_bytes=manifest.totals.held_bytes,
     )
 
 
@@ -255,12 +256,10 @@ def _memory_probe(artifacts: str, batch: int, steps: int, threads: int | None) -
     ``/proc/self/clear_refs`` before each phase.
     """
     from gfcompiler.runtime import Trainer
+    from gfcompiler.runtime.artifacts import random_batch
 
     trainer = Trainer(artifacts, "cpu", threads=threads or 1, memory_arena=False)
-    shape = (batch, *trainer.artifacts.sample_shape)
-    rng = np.random.default_rng(0)
-    x = rng.random(shape, dtype=np.float32)
-    y = rng.integers(0, trainer.artifacts.num_classes or 1, batch).astype(np.int64)
+    x, y = random_batch(trainer.artifacts.manifest, batch)
     baseline = reset_peak_kib()
     for _ in range(steps):
         trainer.eval_batch(x, y)
@@ -409,17 +408,12 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``gfc demo`` on its own (``python -m gfcompiler.demo``), run as ``gfc`` runs it."""
     parser = argparse.ArgumentParser(prog="gfc demo", description=__doc__.split("\n\n")[0])
+    add_debug_flag(parser)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except GfcError as error:
-        print(f"gfc demo: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("gfc demo: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    parser.set_defaults(handler=run_from_args)
+    return run_command(parser, argv)
 
 
 if __name__ == "__main__":

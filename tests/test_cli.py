@@ -1,7 +1,10 @@
-"""``gfc compile`` / ``gfc inspect`` on good and bad input: one-line errors, exit codes, nothing half-written."""
+"""``gfc compile`` / ``gfc inspect`` on good and bad input: one-line errors, exit codes, nothing half-written;
+every entry point (gfc, python -m gfcompiler.runtime.cli, python -m gfcompiler.demo) reports errors the same way."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import signal
 import subprocess
@@ -12,7 +15,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from gfcompiler import demo
 from gfcompiler.cli import main
+from gfcompiler.commandline import add_debug_flag, run_command
+from gfcompiler.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +181,38 @@ def test_quantized_and_integer_models_are_refused(tmp_path, capsys):
     code, _, err = run(capsys, "compile", str(integer), "-o", str(tmp_path / "out"))
     assert_clean_error(err, code, 3, "INT32 weights")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["gfcompiler.cli", "gfcompiler.runtime.cli"])
+def test_every_entry_point_reports_errors_the_same_way(tmp_path, capsys, entry):
+    entry_main = importlib.import_module(entry).main
+    argv = ["eval", str(tmp_path / "missing"), "--data", "builtin:digits"]
+    code = entry_main(argv)
+    assert_clean_error(capsys.readouterr().err, code, 5, "no compiled artifacts")
+    code = entry_main(["--debug", *argv])
+    err = capsys.readouterr().err
+    assert code == 5 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("gfc: error: no compiled artifacts")
+
+
+def test_demo_entry_point_reports_errors_the_same_way(capsys):
+    code = demo.main(["--patch", "0", "--no-memory"])
+    assert_clean_error(capsys.readouterr().err, code, 2, "--patch must be at least 1")
+
+
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [
+        (InputError("bad input"), 2, "gfc: error: bad input"),
+        (KeyboardInterrupt(), 130, "gfc: interrupted"),
+        (ZeroDivisionError("oops"), 1, "gfc: internal error: ZeroDivisionError: oops (rerun with --debug for the traceback)"),
+    ],
+)
+def test_run_command_exit_codes(capsys, raised, code, line):
+    def handler(args):
+        raise raised
+
+    parser = argparse.ArgumentParser(prog="gfc")
+    add_debug_flag(parser)
+    parser.set_defaults(handler=handler)
+    assert run_command(parser, []) == code
+    assert capsys.readouterr().err.splitlines() == [line]

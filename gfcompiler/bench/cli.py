@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gfcompiler.bench.options import BACKEND_CHOICES, BENCH_DESCRIPTION, DEFAULT_BATCH, BenchOptions, parse_patches
-from gfcompiler.errors import GfcError, OutputError
+from gfcompiler.errors import EXIT_HELP, GfcError, OutputError
 
 
 def _check_output_path(path: str | None, flag: str) -> None:
@@ -26,8 +26,6 @@ def _check_output_path(path: str | None, flag: str) -> None:
 
 def add_command(subparsers) -> None:
     """Register ``gfc bench`` on the top-level CLI's sub-parsers."""
-    from gfcompiler.cli import EXIT_HELP
-
     parser = subparsers.add_parser(
         "bench",
         help="time and measure the exact baseline and filtered variants of a model, side by side",
