@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from gfcompiler.onnx_step import conv_backward as cb
 from gfcompiler.onnx_step.conv_backward import ConvAttrs, build_exact_conv_backward
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 
 
 def _conv(ci, co, h, w, kernel, batch, strides=(1, 1), pads=(1, 1, 1, 1), group=1) -> ConvAttrs:

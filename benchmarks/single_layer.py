@@ -47,6 +47,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from gfcompiler.emit import Emitter
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.passes import filter_ops
 
@@ -105,11 +106,11 @@ def filtered_model(geom: FilterGeometry) -> bytes:
     dy = _f32("dY", [n, conv.out_channels, conv.out_height, conv.out_width])
     x_sum = _f32("X_sum", [n, conv.in_channels, ph, pw])
     w_sum = _f32("W_sum", [conv.out_channels, conv.in_per_group, 1, 1])
-    tape = ir.tape.Tape()
-    grads = filter_ops.build_filtered_backward(tape, dy, x_sum, w_sum, geom, "layer")
+    e = Emitter(ir.tape.Tape(), "layer")
+    grads = filter_ops.build_filtered_backward(e, dy, x_sum, w_sum, geom)
     outputs = [grads.input_grad, grads.weight_grad, grads.bias_grad]
     graph = ir.Graph(
-        [dy, x_sum, w_sum], outputs, nodes=tape.nodes, initializers=tape.initializers,
+        [dy, x_sum, w_sum], outputs, nodes=e.tape.nodes, initializers=e.tape.initializers,
         opset_imports={"": 17}, name="filtered",
     )
     return _model(graph)

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 import gfcompiler
 from gfcompiler import artifacts, loading, memory, outdir, split
+from gfcompiler.emit import nodes_of_layer
 from gfcompiler.errors import InputError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
@@ -231,11 +232,10 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
     if not geometries:
         ir.save(training, os.fspath(path))
         return _Accounting(batch, exact, exact, input_grad_needed)
-    rewrite = GradientFilterPass(geometries, force_forward_pooling=options.force_forward_pooling)
-    rewrite(training)
-    layer_nodes = {name: {node} for name, node in conv_grads.items() if name not in rewrite.rewritten}
+    rewritten = GradientFilterPass(geometries, force_forward_pooling=options.force_forward_pooling)(training).rewritten
+    layer_nodes = {name: {node} for name, node in conv_grads.items() if name not in rewritten}
     # A layer's summary nodes count too: without the forward dependency they run lazily, in the backward.
-    layer_nodes.update({name: set(layer.backward_nodes) | set(layer.forward_nodes) for name, layer in rewrite.rewritten.items()})
+    layer_nodes.update({name: set(nodes_of_layer(training.graph, name)) for name in rewritten})
     emitted = memory.held_for_backward(training.graph, layer_nodes, batch, shapes, boundary)
     ir.save(training, os.fspath(path))
     return _Accounting(batch, exact, emitted, input_grad_needed)

@@ -1,16 +1,20 @@
-"""`Emitter`: appends named nodes and constants to an `onnx_ir.tape.Tape`.
+"""`Emitter`: the one way every pass and builder emits nodes, onto an `onnx_ir.tape.Tape`.
 
 Every node and value an emitter makes is called ``<prefix>/<name>`` (made unique
-within one compile by a shared name set), so a reader of the emitted graph in
-Netron sees ``/layer4/conv2/Conv/grad/dW`` rather than ``n123``. Nodes can carry
-their layer and phase (``forward``/``backward``/``optimizer``) in
-``metadata_props``, which survive saving.
+within one graph by a shared name set), so a reader of the emitted graph in Netron
+sees ``/layer4/conv2/Conv/gf/dY_avg`` rather than ``n123``. Nodes can carry their
+layer and phase (``forward``/``backward``/``optimizer``) in ``metadata_props``, which
+survive saving: `nodes_of_layer` finds a layer's nodes again by that metadata, never
+by parsing names (inspect, bench and the driver use it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+LAYER_KEY = "gfc.layer"  # node metadata: the forward node (a conv's name) an emitted node belongs to
+PHASE_KEY = "gfc.phase"  # node metadata: forward, backward or optimizer
 
 
 class Emitter:
@@ -21,12 +25,12 @@ class Emitter:
         self.tape = tape
         self.prefix = prefix
         self.names = names if names is not None else set()
-        self.metadata = {key: value for key, value in (("gfc.layer", layer), ("gfc.phase", phase)) if value}
+        self.metadata = {key: value for key, value in ((LAYER_KEY, layer), (PHASE_KEY, phase)) if value}
 
     def child(self, prefix: str, *, layer: str | None = None, phase: str | None = None) -> Emitter:
         """An emitter on the same tape and name set with another prefix."""
-        return Emitter(self.tape, prefix, self.names, layer=layer or self.metadata.get("gfc.layer"),
-                       phase=phase or self.metadata.get("gfc.phase"))
+        return Emitter(self.tape, prefix, self.names, layer=layer or self.metadata.get(LAYER_KEY),
+                       phase=phase or self.metadata.get(PHASE_KEY))
 
     def unique(self, name: str) -> str:
         full = f"{self.prefix}/{name}" if self.prefix else name
@@ -62,16 +66,33 @@ class Emitter:
         return self.const(name, np.asarray(value, dtype=dtype))
 
 
+def graph_names(graph: ir.Graph) -> set[str]:
+    """Every node, value and initializer name in ``graph``: the name set for emitters that add to it."""
+    names = {node.name for node in graph if node.name}
+    names |= {value.name for node in graph for value in node.outputs if value.name}
+    names |= {value.name for value in graph.inputs if value.name} | set(graph.initializers)
+    return names
+
+
+def insert_before(graph: ir.Graph, tape: ir.tape.Tape, node: ir.Node) -> list[ir.Node]:
+    """Put what ``tape`` recorded into ``graph``: its initializers, and its nodes right before ``node``."""
+    for initializer in tape.initializers:
+        graph.register_initializer(initializer)
+    nodes = list(tape.nodes)
+    graph.insert_before(node, nodes)
+    return nodes
+
+
 def tag(nodes, *, layer: str | None = None, phase: str | None = None) -> None:
     """Record ``layer``/``phase`` in the metadata of ``nodes`` that carry none yet."""
     for node in nodes:
-        if layer and "gfc.layer" not in node.metadata_props:
-            node.metadata_props["gfc.layer"] = layer
-        if phase and "gfc.phase" not in node.metadata_props:
-            node.metadata_props["gfc.phase"] = phase
+        if layer and LAYER_KEY not in node.metadata_props:
+            node.metadata_props[LAYER_KEY] = layer
+        if phase and PHASE_KEY not in node.metadata_props:
+            node.metadata_props[PHASE_KEY] = phase
 
 
 def nodes_of_layer(graph, layer: str, phase: str | None = None) -> list:
     """The nodes of ``graph`` whose metadata names ``layer`` (and ``phase``, if given), in graph order."""
-    return [node for node in graph if node.metadata_props.get("gfc.layer") == layer
-            and (phase is None or node.metadata_props.get("gfc.phase") == phase)]
+    return [node for node in graph if node.metadata_props.get(LAYER_KEY) == layer
+            and (phase is None or node.metadata_props.get(PHASE_KEY) == phase)]

@@ -97,25 +97,23 @@ def _form_line(manifest: dict) -> str:
 def _layer_subgraph(directory: Path, layer_name: str, manifest: dict):
     import onnx_ir as ir
 
+    from gfcompiler.emit import nodes_of_layer
     from gfcompiler.passes.gradient_filter import forward_conv_of, is_conv_grad
 
     names = [layer["name"] for layer in manifest["layers"]]
     if layer_name not in names:
         raise InputError(f"--layer: no conv named {layer_name!r} (trained: {', '.join(manifest['selection']['trained_convs'])})")
     if manifest.get("form") == "step_model":
-        from gfcompiler.onnx_step.emit import nodes_of_layer
-
         model = ir.load(str(directory / manifest["files"]["step_model"]))
         return [node for node in model.graph if node.name == layer_name] + nodes_of_layer(model.graph, layer_name)
     model = ir.load(str(directory / FILES["training_model"]))
-    prefix = f"{layer_name}/gf/"  # the filter pass names every node it emits after its layer
-    nodes = [
+    emitted = set(nodes_of_layer(model.graph, layer_name))  # the gradient filter's nodes for the layer
+    return [
         node for node in model.graph
-        if (node.name or "").startswith(prefix)
+        if node in emitted
         or (is_conv_grad(node) and (conv := forward_conv_of(node)) is not None and conv.name == layer_name)
         or (node.op_type == "Conv" and node.name == layer_name)
     ]
-    return nodes
 
 
 def _format_node(node) -> str:

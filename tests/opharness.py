@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from gfcompiler.emit import Emitter
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.passes import filter_ops
 
@@ -28,16 +29,14 @@ def operator_model(geom: FilterGeometry, batch: int | None = None, needs_input_g
     x = ir.Value(name="X", type=f32, shape=ir.Shape([n, conv.in_channels, conv.height, conv.width]))
     w = ir.Value(name="W", type=f32, shape=ir.Shape(list(conv.weight_shape)))
     dy = ir.Value(name="dY", type=f32, shape=ir.Shape([n, conv.out_channels, conv.out_height, conv.out_width]))
-    tape = ir.tape.Tape()
-    x_sum, w_sum = filter_ops.build_forward_summaries(tape, x, w, geom, "layer")
-    grads = filter_ops.build_filtered_backward(
-        tape, dy, x_sum, w_sum, geom, "layer", needs_input_grad=needs_input_grad, weight=w
-    )
+    e = Emitter(ir.tape.Tape(), "layer")
+    x_sum, w_sum = filter_ops.build_forward_summaries(e, x, w, geom)
+    grads = filter_ops.build_filtered_backward(e, dy, x_sum, w_sum, geom, needs_input_grad=needs_input_grad, weight=w)
     outputs = [x_sum, w_sum, grads.weight_grad, grads.bias_grad]
     if needs_input_grad:
         outputs.append(grads.input_grad)
     graph = ir.Graph(
-        inputs=[dy, x, w], outputs=outputs, nodes=tape.nodes, initializers=tape.initializers,
+        inputs=[dy, x, w], outputs=outputs, nodes=e.tape.nodes, initializers=e.tape.initializers,
         opset_imports={"": 17}, name="gradient_filter",
     )
     return ir.Model(graph, ir_version=8)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from gfcompiler.onnx_step import conv_backward as cb
 from gfcompiler.onnx_step.conv_backward import ConvAttrs, build_exact_conv_backward
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 
 RTOL = 1e-4
 F32 = ir.TensorType(ir.DataType.FLOAT)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from gfcompiler.errors import UnsupportedModelError
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 from gfcompiler.onnx_step.grad_rules import RULES
 from gfcompiler.onnx_step.rules_api import GradContext
 

@@ -32,7 +32,7 @@ same way:
   anchor), ``fwd`` the rest of the forward pass and ``other bwd`` the rest of the
   backward (activation gradients, the head, gradient accumulation). For ort-training's
   ``training_model.onnx`` the parts are found through the graph (``ConvGrad`` nodes, the
-  ``<conv>/gf/...`` nodes, what the loss depends on); for the onnx backend's step model
+  filter's nodes by their ``gfc.layer`` metadata, what the loss depends on); for the onnx backend's step model
   from the ``gfc.phase`` / ``gfc.layer`` metadata of every emitted node, and ``optim``
   is its ``optimizer``-phase kernels. ort-training's ``optim`` is the optimizer
   session's step, timed inside each training step. Kernels of nodes onnxruntime

@@ -31,10 +31,10 @@ class NodeCategories:
 
     Forward nodes are those the loss depends on (ancestors of the graph outputs that are
     not gradient accumulators). ``trained_bwd``: the ``ConvGrad`` of a trained conv (its
-    forward Conv found through use-def links, as the compiler does) and every
-    ``<conv>/gf/...`` node of a trained conv that is not in the forward; ``gf_fwd``: the
-    ``<conv>/gf/...`` nodes that are. ``layer_of`` maps the nodes of the trained convs
-    to their conv.
+    forward Conv found through use-def links, as the compiler does) and every node the
+    gradient filter emitted for a trained conv (`gfcompiler.emit.nodes_of_layer`: the
+    ``gfc.layer`` metadata) that is not in the forward; ``gf_fwd``: those that are.
+    ``layer_of`` maps the nodes of the trained convs to their conv.
     """
 
     names: tuple[str, ...] = CATEGORIES
@@ -42,12 +42,13 @@ class NodeCategories:
     def __init__(self, training_model: Path, trained_convs: list[str]) -> None:
         import onnx_ir as ir
 
+        from gfcompiler.emit import nodes_of_layer
         from gfcompiler.passes.gradient_filter import forward_conv_of, is_conv_grad
 
         graph = ir.load(str(training_model)).graph
         forward = self._forward_nodes(graph)
         trained = set(trained_convs)
-        prefixes = {f"{conv}/gf/": conv for conv in trained_convs}
+        emitted = {node: conv for conv in trained_convs for node in nodes_of_layer(graph, conv)}
         self.category: dict[str, str] = {}
         self.layer_of: dict[str, str] = {}
         self._index_values(graph)
@@ -59,7 +60,7 @@ class NodeCategories:
                 conv = forward_conv_of(node)
                 layer = conv.name if conv is not None and conv.name in trained else None
             else:
-                layer = next((conv for prefix, conv in prefixes.items() if node.name.startswith(prefix)), None)
+                layer = emitted.get(node)
             if layer is not None:
                 self.layer_of[node.name] = layer
                 self.category[node.name] = "gf_fwd" if node in forward else "trained_bwd"
@@ -212,7 +213,7 @@ def profile_variants(variants: list, batch: int, options: BenchOptions, workdir:
     time_interleaved(steps, options.profile_steps, 1, options.pause)
     results = {}
     for variant in variants:
-        trained = variant.manifest["selection"]["trained_convs"]
+        trained = list(variant.manifest.selection.trained_convs)
         step = steps[variant.key]
         if variant.backend == BACKEND_ONNX:
             path = step.end_profiling()

@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from gfcompiler.geometry import ceil_div
 from gfcompiler.geometry import conv_out_size
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ def filtered_conv_rule(x_sum: ir.Value, w_sum: ir.Value, geometry: FilterGeometr
     def filtered_conv(ctx: GradContext, dys: list[ir.Value | None]) -> list[ir.Value | None]:
         needs = ctx.needs + [False] * (3 - len(ctx.needs))
         grads = filter_ops.build_filtered_backward(
-            ctx.e.tape, dys[0], x_sum, w_sum, geometry, f"{ctx.node.name}/gf",
+            ctx.e.child(f"{ctx.node.name}/gf"), dys[0], x_sum, w_sum, geometry,
             needs_input_grad=needs[0], needs_bias_grad=needs[2], weight=ctx.inputs[1],
             constant_dy=spatially_constant_source(dys[0]),
         )

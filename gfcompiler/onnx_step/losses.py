@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gfcompiler.errors import UnsupportedModelError
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 
 LOSSES = ("cross_entropy", "mse", "bce", "l1")
 

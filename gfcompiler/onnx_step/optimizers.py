@@ -82,7 +82,7 @@ import onnx_ir as ir
 
 from gfcompiler.artifacts import OPTIMIZERS, OptimizerSpec
 from gfcompiler.errors import UnsupportedModelError
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 
 # torch.optim.AdamW defaults (amsgrad False, maximize False).
 ADAM_BETAS = (0.9, 0.999)

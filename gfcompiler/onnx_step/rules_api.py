@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from gfcompiler.onnx_step.emit import Emitter
+from gfcompiler.emit import Emitter
 
 
 @dataclasses.dataclass

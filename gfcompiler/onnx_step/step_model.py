@@ -37,13 +37,13 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from gfcompiler.artifacts import OptimizerSpec
+from gfcompiler.emit import Emitter, insert_before
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.onnx_step import autodiff, conv_rules, optimizers
-from gfcompiler.onnx_step.emit import Emitter, tag
 from gfcompiler.onnx_step.grad_rules import RULES
 from gfcompiler.onnx_step.losses import build_loss
 from gfcompiler.passes import filter_ops
-from gfcompiler.passes.gradient_filter import GradientFilterPass
+from gfcompiler.passes.gradient_filter import add_forward_dependency
 from gfcompiler.selection import Selection
 
 LEARNING_RATE = "learning_rate"
@@ -178,15 +178,11 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
     summaries: dict[str, tuple[ir.Value, ir.Value, list[ir.Node]]] = {}
     for name, geometry in geometries.items():
         conv = convs[name]
-        tape = ir.tape.Tape()
-        x_sum, w_sum = filter_ops.build_forward_summaries(tape, conv.inputs[0], conv.inputs[1], geometry, f"{name}/gf")
+        summary = Emitter(ir.tape.Tape(), f"{name}/gf", names, layer=name, phase="forward")
+        x_sum, w_sum = filter_ops.build_forward_summaries(summary, conv.inputs[0], conv.inputs[1], geometry)
         batch = conv.inputs[0].shape[0] if conv.inputs[0].shape is not None else "N"
         x_sum.dtype, x_sum.shape = ir.DataType.FLOAT, ir.Shape([batch, geometry.conv.in_channels, *geometry.patches])
-        for initializer in tape.initializers:
-            graph.register_initializer(initializer)
-        graph.insert_before(conv, list(tape.nodes))
-        tag(tape.nodes, layer=name, phase="forward")
-        summaries[name] = (x_sum, w_sum, list(tape.nodes))
+        summaries[name] = (x_sum, w_sum, insert_before(graph, summary.tape, conv))
 
     tape = ir.tape.Tape()
     loss_graph = build_loss(Emitter(tape, "loss", names, phase="forward"), loss, output, with_gradient=True)
@@ -211,12 +207,9 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
 
     if force_forward_pooling:
         for name, (x_sum, _, _) in summaries.items():
-            anchor = ir.tape.Tape()
-            GradientFilterPass._add_forward_dependency(anchor, convs[name], x_sum, geometries[name], f"{name}/gf")
-            for initializer in anchor.initializers:
-                graph.register_initializer(initializer)
-            graph.insert_before(convs[name], list(anchor.nodes))
-            tag(anchor.nodes, layer=name, phase="forward")
+            anchor = Emitter(ir.tape.Tape(), f"{name}/gf", names, layer=name, phase="forward")
+            add_forward_dependency(anchor, convs[name], x_sum, geometries[name])
+            insert_before(graph, anchor.tape, convs[name])
 
     state = [StateEntry(name, "parameter", name) for name in trainable]
     state += [StateEntry(slot.name, "optimizer", slot.param) for slot in slots]

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from gfcompiler.constants import add_initializer
+from gfcompiler.emit import Emitter, graph_names, insert_before
 from gfcompiler.loading import tensor_array
 
 
@@ -138,6 +139,7 @@ class BatchNormToAffinePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        names = graph_names(model.graph)
         for bn in list(model.graph):
             if bn.op_type != "BatchNormalization" or not _is_default_domain(bn):
                 continue
@@ -150,12 +152,11 @@ class BatchNormToAffinePass(ir.passes.InPlacePass):
             name = bn.name or bn.outputs[0].name
             scale_value = add_initializer(model.graph, f"{name}.frozen_scale", scale.astype(np.float32).reshape(broadcast))
             shift_value = add_initializer(model.graph, f"{name}.frozen_shift", shift.astype(np.float32).reshape(broadcast))
-            mul = ir.node("Mul", [x, scale_value], name=f"{name}/frozen_scale")
-            add = ir.node("Add", [mul.outputs[0], shift_value], name=f"{name}/frozen_shift")
-            mul.outputs[0].name = f"{name}/scaled"
-            model.graph.insert_before(bn, [mul, add])
-            add.outputs[0].name = bn.outputs[0].name
-            bn.outputs[0].replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+            e = Emitter(ir.tape.Tape(), name, names)
+            frozen = e.op("Add", [e.op("Mul", [x, scale_value], "frozen_scale"), shift_value], "frozen_shift")
+            insert_before(model.graph, e.tape, bn)
+            frozen.name = bn.outputs[0].name
+            bn.outputs[0].replace_all_uses_with(frozen, replace_graph_outputs=True)
             model.graph.remove(bn, safe=True)
             modified = True
         return ir.passes.PassResult(model, modified)

@@ -5,67 +5,34 @@ Two builders, independent of where their nodes are plugged in:
 * `build_forward_summaries` (forward side): X → X_sum, W → W_sum.
 * `build_filtered_backward` (backward side): (dY, X_sum, W_sum, geometry) → (dX, dW, dB).
 
-They append nodes to an `onnx_ir.tape.Tape` and return `ir.Value`s; the caller wires
-those values into whatever graph it is rewriting (today the onnxruntime-training
-gradient graph, see `gradient_filter.py`). Node and value names are derived from the
-layer's name, so a person reading the graph in Netron sees ``<layer>/gf/dY_avg`` etc.
+They emit onto a `gfcompiler.emit.Emitter`, whose prefix (``<layer>/gf``), tape and
+layer/phase metadata the caller chooses, and return `ir.Value`s; the caller wires those
+values into the graph it is rewriting (onnxruntime-training's gradient graph in
+`gradient_filter`, the step model of `gfcompiler.onnx_step`). A person reading the graph
+in Netron sees ``<layer>/gf/dY_avg`` etc.
 
-Formulation (each choice timed on a 2-core CPU with onnxruntime 1.19.2; per-op numbers
-are single-thread CPU time, batch 1 unless stated, at the 3×3 stride-1 layers of
-benchmarks/README.md, "Single-layer backward latency", which has the whole-layer
-numbers):
+Formulation: each op was chosen as the fastest of the forms timed in onnxruntime's CPU
+kernels (the measurements are in benchmarks/README.md, "Formulation choices of the
+filtered backward"):
 
-* Sum pooling of X is ``AveragePool(count_include_pad=1) · qh·qw``. Windows wholly in
-  the padding are added afterwards as zero cells (``Pad`` of the small X_sum), never
-  as a ``Pad`` of X in front of the pooling, which onnxruntime's PadFusion folds into
-  the pooling as a padding it then rejects.
-* ``dY_avg`` is one ``AveragePool(count_include_pad=0)``. onnxruntime runs it in its
-  NCHWc layout (a reorder of dY plus the pooling, 1.16 ms at 128 ch 120×160, r=2);
-  plain NCHW pooling on a (N·C, 1, H, W) view (1.47 ms) and ``ReduceSum`` over
-  reshaped windows (3.0–3.5 ms) were slower.
-* ``dB`` (step 7, exact) is Σ count·dY_avg over the windows, which tile dY: the small
-  ``dY_avg`` is read instead of dY a second time (a ``ReduceSum`` of dY costs 0.26 ms
-  at batch 1 and 2.7 ms at batch 8 for 128 ch 120×160).
-* ``dX_small`` (steps 3–4) is ``W_sumᵀ · dY_avg`` per group: a ``Transpose`` of the small
-  W_sum blocks and a batched ``MatMul``, which onnxruntime fuses into one
-  ``FusedMatMul``. A 1×1 ``ConvTranspose`` and a 1×1 ``Conv`` with the transposed W_sum
-  cost the same within 5–10% either way (each is one SGEMM of Ci×Co×P MACs, ≈1.6 ms
-  for 78 M MACs); the ``MatMul`` keeps groups as a batch axis and needs no conv
-  attributes. Depthwise convs use a ``Mul``; step 8 (dilation ≥ r) is a
-  ``ConvTranspose`` with the full kernel.
-* ``dW_sum`` is, per group, ``dY_avg · X_sumᵀ`` contracted over the batch and the patch
-  grid. Depthwise convs use a ``Mul`` and a ``ReduceSum``.
-* Batch folding (`_folds_batch`). On a small patch grid (P = ph·pw ≤ 16 cells) both
-  products take the batch folded into their GEMM columns: dY_avg and X_sum are
-  transposed to g×c×(N·P), ``dW_sum`` is one GEMM per group whose N·P contraction also
-  sums the batch, and ``dX_small`` is one GEMM per group transposed back to
-  N×Ci×ph×pw. Unfolded, onnxruntime runs N GEMMs of only P columns (re-transposing
-  the weight block for each) and an N×Co×(Ci/g) stack of per-sample dW sums that a
-  ``MatMul`` with a 1×N ones row reduces (``ReduceSum`` over the batch axis is 7–14×
-  slower: 0.94 ms vs 0.13 ms for 8×512×512). Medians of interleaved runs, 2 threads,
-  batch 8, unfolded → folded, whole filtered backward at 7×7, r=4 (P=4): 1×1 160→960
-  1.26 → 0.93 ms, 960→320 2.31 → 1.27, 320→1280 3.21 → 1.26, 3×3 512 ch 3.17 → 1.84,
-  3×3 512 ch stride 2 3.51 → 2.21 (per op at 960→320: dX_small 0.79 → 0.21 ms,
-  dW_sum 0.41 → 0.13 ms, the three transposes 0.11 ms). The two products alone,
-  folded/unfolded: 0.36–0.57 at P=4, 0.50–0.76 at P=9; at P=16 0.59–0.80 for 3×3
-  256+ ch and 1×1 320+ ch, ties (0.87–1.03) for MobileNetV2's 14×14 1×1 layers; at
-  P=25–49 still 0.71–0.94 for 320+ ch but 0.96–1.10 (minima up to 1.5) for 32↔192 ch
-  and 3×3 128–256 ch; 1.2–1.5 at P=196, 2.8 at P=784. The transposes move
-  N·P·(Co+2Ci) floats while folding saves work growing with Co·Ci/g, and MLAS's SGEMM
-  packs columns in zero-padded panels of 16, so per-sample GEMMs waste most at P ≤ 16.
-  Folding everything made the whole backward of 128 ch 120×160 (P=4800 / 1200) 1.18× /
-  1.11× slower at batch 8. Batch 2 and 32 (whole backward): P=4 0.85–1.04 and
-  0.44–0.64, P=16 0.88–1.01 and 0.91–1.08. With a static batch of 1 folding is a
-  plain ``Reshape`` (onnxruntime then runs the same ops as unfolded); a dynamic batch
-  folds with the same ops as a static one.
-* Step 5's broadcast over kernel taps is a ``MatMul`` with a 1×(kh·kw) ones row
-  (0.29 ms for 512×512×3×3; ``Expand`` 7.0 ms, ``Tile`` 4.1 ms, a broadcasting ``Mul``
-  3.5 ms) followed by a ``Reshape``, which is free inside a graph but is a copy
-  (+0.32 ms at 512 ch) where dW is itself a graph output, as in the benchmark.
-* Step 6 repeats columns first, on the small map (``MatMul`` with a 1×qw ones row), and
-  rows last, with a ``Gather`` of whole rows that writes the full-size dX once
-  (0.98 ms at 128 ch 120×160, r=2, where a plain copy of dX takes 0.29 ms; rows
-  first then columns 2.1 ms, nearest ``Resize`` 3.4 ms, ``Expand`` 13.5 ms).
+* Sum pooling of X is ``AveragePool(count_include_pad=1) · qh·qw``; windows wholly in
+  the padding are zero cells padded onto the small X_sum, because onnxruntime's
+  PadFusion folds a ``Pad`` of X into the pooling as a padding it then rejects.
+* ``dY_avg`` is one ``AveragePool(count_include_pad=0)``, which onnxruntime runs in its
+  fast NCHWc layout.
+* ``dB`` (step 7, exact) is Σ count·dY_avg over the windows, which tile dY, so dY is
+  not read a second time.
+* ``dX_small`` (steps 3–4) is ``W_sumᵀ · dY_avg`` per group, a ``Transpose`` and a batched
+  ``MatMul`` (as fast as a 1×1 conv, and groups stay a batch axis); ``dW_sum`` is
+  ``dY_avg · X_sumᵀ`` per group. Depthwise convs use a ``Mul`` (and a ``ReduceSum``);
+  step 8 (dilation ≥ r) is a ``ConvTranspose`` with the full kernel.
+* On a patch grid of at most 16 cells both products take the batch folded into their
+  GEMM columns (`_folds_batch`), because per-sample GEMMs that narrow waste most of
+  MLAS's 16-column panels.
+* Step 5's broadcast over kernel taps is a ``MatMul`` with a ones row and a ``Reshape``,
+  an order of magnitude faster than ``Expand``, ``Tile`` or a broadcasting ``Mul``.
+* Step 6 repeats columns on the small map (a ``MatMul`` with a ones row) and rows last
+  with a ``Gather``, so the full-size dX is written once.
 
 Requires opset >= 13 (``ReduceSum`` with axes as an input).
 """
@@ -77,6 +44,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from gfcompiler.emit import Emitter
 from gfcompiler.geometry import FilterGeometry
 
 MIN_OPSET = 13
@@ -91,37 +59,11 @@ class FilteredGradients:
     bias_grad: ir.Value | None
 
 
-class _Emitter:
-    """Appends named nodes to a tape: node and output are both called ``<prefix>/<name>``."""
-
-    def __init__(self, tape: ir.tape.Tape, prefix: str) -> None:
-        self.tape = tape
-        self.prefix = prefix
-
-    def _name(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
-
-    def op(self, op_type: str, inputs: list[ir.Value | None], name: str, **attributes) -> ir.Value:
-        return self.tape.op(
-            op_type,
-            inputs,
-            attributes=attributes or None,
-            name=self._name(name),
-            output=ir.Value(name=self._name(name)),
-        )
-
-    def const(self, name: str, array: np.ndarray) -> ir.Value:
-        return self.tape.initializer(ir.tensor(np.asarray(array), name=self._name(name)))
-
-    def ints(self, name: str, values) -> ir.Value:
-        return self.const(name, np.asarray(values, dtype=np.int64))
-
-
 def _pool_pads(begin: tuple[int, int], end: tuple[int, int]) -> list[int]:
     return [begin[0], begin[1], end[0], end[1]]
 
 
-def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefix: str) -> ir.Value:
+def build_input_sum(e: Emitter, x: ir.Value, geom: FilterGeometry) -> ir.Value:
     """Forward step 4 (docs/operator.md): ``X_sum = SumPool(X)`` over (qh, qw) windows with centered padding.
 
     Negative paddings (windows that start inside X) become a ``Slice``. Windows lying
@@ -131,7 +73,6 @@ def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefi
     ``Pad`` → ``AveragePool`` pair that onnxruntime's PadFusion merges back into one
     pooling with an invalid padding.
     """
-    e = _Emitter(tape, prefix)
     qh, qw = geom.input_patch
     begin, end = geom.input_pad_begin, geom.input_pad_end
     if min(*begin, *end) < 0:
@@ -156,20 +97,17 @@ def build_input_sum(tape: ir.tape.Tape, x: ir.Value, geom: FilterGeometry, prefi
     return e.op("Pad", [x_sum, e.ints("empty_window_pads", pads)], "X_sum")
 
 
-def build_weight_sum(tape: ir.tape.Tape, w: ir.Value, prefix: str) -> ir.Value:
+def build_weight_sum(e: Emitter, w: ir.Value) -> ir.Value:
     """Forward step 5 (docs/operator.md): ``W_sum`` = W summed over its kernel taps, kept as Co×(Ci/g)×1×1."""
-    e = _Emitter(tape, prefix)
     return e.op("ReduceSum", [w, e.ints("tap_axes", [2, 3])], "W_sum", keepdims=1)
 
 
-def build_forward_summaries(
-    tape: ir.tape.Tape, x: ir.Value, w: ir.Value, geom: FilterGeometry, prefix: str
-) -> tuple[ir.Value, ir.Value]:
+def build_forward_summaries(e: Emitter, x: ir.Value, w: ir.Value, geom: FilterGeometry) -> tuple[ir.Value, ir.Value]:
     """The forward side of the operator: (X_sum, W_sum)."""
-    return build_input_sum(tape, x, geom, prefix), build_weight_sum(tape, w, prefix)
+    return build_input_sum(e, x, geom), build_weight_sum(e, w)
 
 
-def _average_grad_output(e: _Emitter, dy: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _average_grad_output(e: Emitter, dy: ir.Value, geom: FilterGeometry) -> ir.Value:
     """Backward step 2: r×r window means of dY counting only valid elements."""
     r = geom.patch
     if r == 1:
@@ -190,7 +128,7 @@ def _grad_window_counts(geom: FilterGeometry) -> np.ndarray:
     return np.outer(rows, cols).astype(np.float32)
 
 
-def _bias_grad(e: _Emitter, dy: ir.Value, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _bias_grad(e: Emitter, dy: ir.Value, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
     """Step 7, exact: Σ dY, summed as Σ_windows count·dY_avg.
 
     The r×r windows tile dY (each element lies in exactly one), so the window sums
@@ -202,13 +140,13 @@ def _bias_grad(e: _Emitter, dy: ir.Value, dy_avg: ir.Value, geom: FilterGeometry
     return _window_bias_grad(e, dy_avg, geom)
 
 
-def _window_bias_grad(e: _Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _window_bias_grad(e: Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
     """Σ dY as Σ_windows count·dY_avg (exact: the windows tile dY)."""
     window_sums = e.op("Mul", [dy_avg, e.const("grad_window_counts", _grad_window_counts(geom))], "dY_window_sums")
     return e.op("ReduceSum", [window_sums, e.ints("bias_axes", [0, 2, 3])], "dB", keepdims=0)
 
 
-def _batch_ones(e: _Emitter, like: ir.Value, batch: int | None) -> ir.Value:
+def _batch_ones(e: Emitter, like: ir.Value, batch: int | None) -> ir.Value:
     """A 1×N row of ones (N = the batch), a constant when the batch is static."""
     if batch is not None:
         return e.const("batch_ones", np.ones((1, batch), np.float32))
@@ -235,14 +173,14 @@ def _folds_batch(geom: FilterGeometry) -> bool:
     block again, plus an N×Co×(Ci/g) stack of partial dW sums. Folding the batch
     (g×c×(N·P) operands) makes one GEMM per group but costs three transposes of
     N×C×P tensors. It wins while P fits one 16-column panel of MLAS's SGEMM and
-    loses from P ≈ 49 on at all but the widest layers (see the module docstring).
+    loses from P ≈ 49 on at all but the widest layers (benchmarks/README.md).
     With a static batch of 1 folding is a ``Reshape`` and always taken.
     """
     ph, pw = geom.patches
     return geom.conv.batch == 1 or ph * pw <= FOLD_MAX_PATCHES
 
 
-def _fold_batch(e: _Emitter, value: ir.Value, per_group: int, geom: FilterGeometry, name: str) -> ir.Value:
+def _fold_batch(e: Emitter, value: ir.Value, per_group: int, geom: FilterGeometry, name: str) -> ir.Value:
     """N×(g·c)×ph×pw viewed as g×c×(N·P): one GEMM operand per group with the batch folded in.
 
     With a static batch of 1 this is a ``Reshape``; otherwise the batch axis is moved
@@ -257,7 +195,7 @@ def _fold_batch(e: _Emitter, value: ir.Value, per_group: int, geom: FilterGeomet
     return e.op("Reshape", [moved, folded_shape], name)
 
 
-def _grad_output_groups(e: _Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _grad_output_groups(e: Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> ir.Value:
     """dY_avg as the right-hand operand of the per-group products.
 
     g×(Co/g)×(N·P) when the batch is folded (`_folds_batch`), else N×g×(Co/g)×P.
@@ -270,7 +208,7 @@ def _grad_output_groups(e: _Emitter, dy_avg: ir.Value, geom: FilterGeometry) -> 
 
 
 def _weight_sum_grad(
-    e: _Emitter, dy_avg: ir.Value, dy_groups: ir.Value | None, x_sum: ir.Value, geom: FilterGeometry
+    e: Emitter, dy_avg: ir.Value, dy_groups: ir.Value | None, x_sum: ir.Value, geom: FilterGeometry
 ) -> ir.Value:
     """Backward steps 3–4: dW_sum = Σ_{n,p} dY_avg ⊗ X_sum, block-diagonal over groups; Co×(Ci/g).
 
@@ -278,7 +216,8 @@ def _weight_sum_grad(
     g×(Ci/g)×(N·P) and one batched ``MatMul`` per group contracts over N·P, summing the
     batch in the GEMM. Otherwise one batched ``MatMul`` per sample and group
     (N×g×cog×cig), then the batch is summed by a second ``MatMul`` with a 1×N ones row
-    (``ReduceSum`` over the batch axis is 7–14× slower in ORT CPU). Depthwise-like convs are a ``Mul`` and a ``ReduceSum``.
+    (faster than a ``ReduceSum`` over the batch axis). Depthwise-like convs are a ``Mul``
+    and a ``ReduceSum``.
     """
     conv = geom.conv
     g, cig = conv.group, conv.in_per_group
@@ -300,7 +239,7 @@ def _weight_sum_grad(
     return e.op("Reshape", [summed, dw_sum_shape], "dW_sum")
 
 
-def _broadcast_weight_grad(e: _Emitter, dw_sum: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _broadcast_weight_grad(e: Emitter, dw_sum: ir.Value, geom: FilterGeometry) -> ir.Value:
     """Backward step 5: every kernel tap gets dW_sum (a MatMul with a ones row, not Expand)."""
     conv = geom.conv
     kh, kw = conv.kernel
@@ -312,7 +251,7 @@ def _broadcast_weight_grad(e: _Emitter, dw_sum: ir.Value, geom: FilterGeometry) 
 
 
 def _small_input_grad(
-    e: _Emitter, dy_avg: ir.Value, dy_groups: ir.Value | None, w_sum: ir.Value, w: ir.Value | None,
+    e: Emitter, dy_avg: ir.Value, dy_groups: ir.Value | None, w_sum: ir.Value, w: ir.Value | None,
     geom: FilterGeometry,
 ) -> ir.Value:
     """Backward steps 3, 4 and 8: dX on the patch grid, N×Ci×ph×pw.
@@ -346,7 +285,7 @@ def _small_input_grad(
     return e.op("Reshape", [product, e.ints("dX_small_shape", [-1, conv.in_channels, ph, pw])], "dX_small")
 
 
-def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) -> ir.Value:
+def _upsample_and_crop(e: Emitter, dx_small: ir.Value, geom: FilterGeometry) -> ir.Value:
     """Backward step 6: nearest upsampling by (qh, qw) cropped to H×W, columns first, rows last.
 
     Columns: each value of the small map is repeated qw times by a ``MatMul`` with a
@@ -382,12 +321,11 @@ def _upsample_and_crop(e: _Emitter, dx_small: ir.Value, geom: FilterGeometry) ->
 
 
 def build_filtered_backward(
-    tape: ir.tape.Tape,
+    e: Emitter,
     dy: ir.Value,
     x_sum: ir.Value,
     w_sum: ir.Value,
     geom: FilterGeometry,
-    prefix: str,
     *,
     needs_input_grad: bool = True,
     needs_bias_grad: bool = True,
@@ -402,7 +340,6 @@ def build_filtered_backward(
     output map (a global-average-pool head), so ``dY_avg`` is it broadcast over the
     patch grid (the mean of a constant is the constant) and dY itself is never read.
     """
-    e = _Emitter(tape, prefix)
     if constant_dy is not None:
         dy_avg = e.op("Expand", [constant_dy, e.ints("patch_grid", [1, 1, *geom.patches])], "dY_avg")
         dy_groups = None if _is_depthwise_like(geom) else _grad_output_groups(e, dy_avg, geom)

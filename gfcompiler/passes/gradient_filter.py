@@ -16,7 +16,8 @@ Forward and ConvGrad are matched through use-def links (the ConvGrad reads the s
 X and W values as its Conv), never through names. Layers not in ``geometries`` keep
 their exact backward. Invariants kept: topological order (new nodes are inserted
 before their first consumer), unique names (node and value names are prefixed with
-the layer's name).
+the layer's name). Every emitted node records its conv and phase in its metadata
+(`gfcompiler.emit`), which is how inspect, bench and the driver find it again.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from gfcompiler.emit import Emitter, graph_names, insert_before
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.passes import filter_ops
 
 CONV_GRAD = ("com.microsoft", "ConvGrad")
+FORWARD, BACKWARD = "forward", "backward"  # the phases this pass records in its nodes' metadata
 
 
 def is_conv_grad(node: ir.Node) -> bool:
@@ -50,13 +53,14 @@ def _used(value: ir.Value | None) -> bool:
 
 
 @dataclasses.dataclass
-class RewrittenLayer:
-    """What the pass did to one layer; the node sets feed the liveness analysis."""
+class GradientFilterResult(ir.passes.PassResult):
+    """``rewritten``: the convs whose ConvGrad was replaced, in graph order.
 
-    conv_name: str
-    forward_nodes: list[ir.Node]
-    backward_nodes: list[ir.Node]
-    needs_input_grad: bool
+    Their emitted nodes carry the conv's name as ``gfc.layer`` and ``forward`` or
+    ``backward`` as ``gfc.phase``: `gfcompiler.emit.nodes_of_layer` lists them.
+    """
+
+    rewritten: list[str] = dataclasses.field(default_factory=list)
 
 
 class GradientFilterPass(ir.passes.InPlacePass):
@@ -70,62 +74,59 @@ class GradientFilterPass(ir.passes.InPlacePass):
         super().__init__()
         self.geometries = geometries
         self.force_forward_pooling = force_forward_pooling
-        self.rewritten: dict[str, RewrittenLayer] = {}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> GradientFilterResult:
         graph = model.graph
+        result = GradientFilterResult(model, False)
+        names = graph_names(graph)
         for conv_grad in [node for node in graph if is_conv_grad(node)]:
             forward = forward_conv_of(conv_grad)
             if forward is None or forward.name not in self.geometries:
                 continue
-            self.rewritten[forward.name] = self._rewrite(graph, forward, conv_grad, self.geometries[forward.name])
-        return ir.passes.PassResult(model, bool(self.rewritten))
+            self._rewrite(graph, forward, conv_grad, self.geometries[forward.name], names)
+            result.rewritten.append(forward.name)
+            result.modified = True
+        return result
 
-    def _rewrite(self, graph: ir.Graph, forward: ir.Node, conv_grad: ir.Node, geom: FilterGeometry) -> RewrittenLayer:
+    def _rewrite(self, graph: ir.Graph, forward: ir.Node, conv_grad: ir.Node, geom: FilterGeometry,
+                 names: set[str]) -> None:
         prefix = f"{forward.name}/gf"
         dy, x, w = conv_grad.inputs[:3]
         dx_out, dw_out, db_out = (list(conv_grad.outputs) + [None, None, None])[:3]
 
-        forward_tape = ir.tape.Tape()
-        x_sum, w_sum = filter_ops.build_forward_summaries(forward_tape, x, w, geom, prefix)
+        summaries = Emitter(ir.tape.Tape(), prefix, names, layer=forward.name, phase=FORWARD)
+        x_sum, w_sum = filter_ops.build_forward_summaries(summaries, x, w, geom)
         _annotate(x_sum, [x.shape[0] if x.shape is not None else None, geom.conv.in_channels, *geom.patches])
         if self.force_forward_pooling:
-            self._add_forward_dependency(forward_tape, forward, x_sum, geom, prefix)
-        _insert(graph, forward_tape, before=forward)
+            add_forward_dependency(summaries, forward, x_sum, geom)
+        insert_before(graph, summaries.tape, forward)
 
-        backward_tape = ir.tape.Tape()
+        backward = Emitter(ir.tape.Tape(), prefix, names, layer=forward.name, phase=BACKWARD)
         grads = filter_ops.build_filtered_backward(
-            backward_tape, dy, x_sum, w_sum, geom, prefix,
-            needs_input_grad=_used(dx_out), needs_bias_grad=_used(db_out), weight=w,
+            backward, dy, x_sum, w_sum, geom, needs_input_grad=_used(dx_out), needs_bias_grad=_used(db_out), weight=w,
         )
-        _insert(graph, backward_tape, before=conv_grad)
+        insert_before(graph, backward.tape, conv_grad)
         for old, new in ((dx_out, grads.input_grad), (dw_out, grads.weight_grad), (db_out, grads.bias_grad)):
             if _used(old):
                 old.replace_all_uses_with(new, replace_graph_outputs=True)
         graph.remove(conv_grad, safe=True)
-        return RewrittenLayer(forward.name, list(forward_tape.nodes), list(backward_tape.nodes), _used(dx_out))
 
-    @staticmethod
-    def _add_forward_dependency(tape: ir.tape.Tape, forward: ir.Node, x_sum: ir.Value, geom: FilterGeometry, prefix: str) -> None:
-        """bias ← bias + 0·ΣX_sum: a data dependency that schedules the pooling in the forward."""
-        total = tape.op("ReduceSum", [x_sum], attributes={"keepdims": 0}, name=f"{prefix}/X_sum_total",
-                        output=ir.Value(name=f"{prefix}/X_sum_total"))
-        zeros = tape.initializer(ir.tensor(np.zeros(geom.conv.out_channels, np.float32), name=f"{prefix}/bias_zeros"))
-        anchor = tape.op("Mul", [total, zeros], name=f"{prefix}/schedule_anchor", output=ir.Value(name=f"{prefix}/schedule_anchor"))
-        bias = forward.inputs[2] if len(forward.inputs) > 2 else None
-        if bias is not None:
-            anchor = tape.op("Add", [bias, anchor], name=f"{prefix}/anchored_bias", output=ir.Value(name=f"{prefix}/anchored_bias"))
-        else:
-            forward.resize_inputs(3)
-        forward.replace_input_with(2, anchor)
+
+def add_forward_dependency(e: Emitter, forward: ir.Node, x_sum: ir.Value, geom: FilterGeometry) -> None:
+    """bias ← bias + 0·ΣX_sum: a data dependency that schedules the pooling in the forward.
+
+    The nodes go onto ``e``'s tape; the caller inserts them before ``forward``.
+    """
+    total = e.op("ReduceSum", [x_sum], "X_sum_total", keepdims=0)
+    anchor = e.op("Mul", [total, e.const("bias_zeros", np.zeros(geom.conv.out_channels, np.float32))], "schedule_anchor")
+    bias = forward.inputs[2] if len(forward.inputs) > 2 else None
+    if bias is not None:
+        anchor = e.op("Add", [bias, anchor], "anchored_bias")
+    else:
+        forward.resize_inputs(3)
+    forward.replace_input_with(2, anchor)
 
 
 def _annotate(value: ir.Value, dims: list) -> None:
     value.dtype = ir.DataType.FLOAT
     value.shape = ir.Shape([d if d is not None else "N" for d in dims])
-
-
-def _insert(graph: ir.Graph, tape: ir.tape.Tape, before: ir.Node) -> None:
-    for initializer in tape.initializers:
-        graph.register_initializer(initializer)
-    graph.insert_before(before, list(tape.nodes))

@@ -30,82 +30,65 @@ from collections.abc import Callable, Collection
 import numpy as np
 import onnx_ir as ir
 
-from gfcompiler.constants import add_initializer
+from gfcompiler.emit import Emitter, graph_names, insert_before
 
 # Ops known to have no gradient builder in onnxruntime-training 1.19.2 (measured).
 NO_GRADIENT_OPS = frozenset({"HardSwish", "HardSigmoid", "Elu", "Softplus", "Selu", "Sum", "Resize"})
 
 
-class _Builder:
-    """Emits nodes before ``anchor``, each named ``<anchor name>/<step>``."""
-
-    def __init__(self, graph: ir.Graph, anchor: ir.Node) -> None:
-        self.graph, self.anchor, self.prefix = graph, anchor, anchor.name or anchor.outputs[0].name
-
-    def op(self, op_type: str, inputs: list[ir.Value], step: str) -> ir.Value:
-        node = ir.node(op_type, inputs, name=f"{self.prefix}/{step}")
-        node.outputs[0].name = f"{self.prefix}/{step}"
-        self.graph.insert_before(self.anchor, node)
-        return node.outputs[0]
-
-    def ints(self, step: str, values: list[int]) -> ir.Value:
-        return self._constant(step, np.asarray(values, dtype=np.int64))
-
-    def scalar(self, step: str, value: float) -> ir.Value:
-        return self._constant(step, np.array(value, dtype=np.float32))
-
-    def _constant(self, step: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(self.graph, f"{self.prefix}/{step}", array)
+def _constant(b: Emitter, name: str, value: float) -> ir.Value:
+    """A float constant of shape [1], the shape these rules' constants have always had."""
+    return b.const(name, np.full(1, value, np.float32))
 
 
-def _clip01(b: _Builder, x: ir.Value, alpha: float, beta: float) -> ir.Value:
-    affine = b.op("Add", [b.op("Mul", [x, b.scalar("alpha", alpha)], "scaled"), b.scalar("beta", beta)], "shifted")
-    return b.op("Clip", [affine, b.scalar("zero", 0.0), b.scalar("one", 1.0)], "hard_sigmoid")
+def _clip01(b: Emitter, x: ir.Value, alpha: float, beta: float) -> ir.Value:
+    affine = b.op("Add", [b.op("Mul", [x, _constant(b, "alpha", alpha)], "scaled"), _constant(b, "beta", beta)], "shifted")
+    return b.op("Clip", [affine, _constant(b, "zero", 0.0), _constant(b, "one", 1.0)], "hard_sigmoid")
 
 
-def _hard_sigmoid(b: _Builder, node: ir.Node) -> ir.Value:
+def _hard_sigmoid(b: Emitter, node: ir.Node) -> ir.Value:
     attrs = node.attributes
     return _clip01(b, node.inputs[0], attrs.get_float("alpha", 0.2), attrs.get_float("beta", 0.5))
 
 
-def _hard_swish(b: _Builder, node: ir.Node) -> ir.Value:
+def _hard_swish(b: Emitter, node: ir.Node) -> ir.Value:
     x = node.inputs[0]
     return b.op("Mul", [x, _clip01(b, x, 1.0 / 6.0, 0.5)], "hard_swish")
 
 
-def _split_at_zero(b: _Builder, x: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+def _split_at_zero(b: Emitter, x: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
     """(x > 0, x⁺, x⁻): the condition and both halves, each finite wherever x is."""
-    zero = b.scalar("zero", 0.0)
+    zero = _constant(b, "zero", 0.0)
     positive = b.op("Greater", [x, zero], "is_positive")
     return positive, b.op("Where", [positive, x, zero], "x_pos"), b.op("Where", [positive, zero, x], "x_neg")
 
 
-def _softplus(b: _Builder, node: ir.Node) -> ir.Value:
+def _softplus(b: Emitter, node: ir.Node) -> ir.Value:
     x = node.inputs[0]
     positive, x_pos, x_neg = _split_at_zero(b, x)
-    one = b.scalar("one", 1.0)
+    one = _constant(b, "one", 1.0)
     upper = b.op("Add", [x_pos, b.op("Log", [b.op("Add", [one, b.op("Exp", [b.op("Neg", [x_pos], "minus_x_pos")], "exp_minus_x_pos")], "one_plus_exp_minus")], "log_upper")], "upper")
     lower = b.op("Log", [b.op("Add", [one, b.op("Exp", [x_neg], "exp_x_neg")], "one_plus_exp")], "lower")
     return b.op("Where", [positive, upper, lower], "softplus")
 
 
-def _elu_of(b: _Builder, x: ir.Value, alpha: float) -> ir.Value:
+def _elu_of(b: Emitter, x: ir.Value, alpha: float) -> ir.Value:
     positive, _, x_neg = _split_at_zero(b, x)
-    expm1 = b.op("Sub", [b.op("Exp", [x_neg], "exp"), b.scalar("one", 1.0)], "expm1")
-    return b.op("Where", [positive, x, b.op("Mul", [expm1, b.scalar("alpha", alpha)], "scaled_expm1")], "elu")
+    expm1 = b.op("Sub", [b.op("Exp", [x_neg], "exp"), _constant(b, "one", 1.0)], "expm1")
+    return b.op("Where", [positive, x, b.op("Mul", [expm1, _constant(b, "alpha", alpha)], "scaled_expm1")], "elu")
 
 
-def _elu(b: _Builder, node: ir.Node) -> ir.Value:
+def _elu(b: Emitter, node: ir.Node) -> ir.Value:
     return _elu_of(b, node.inputs[0], node.attributes.get_float("alpha", 1.0))
 
 
-def _selu(b: _Builder, node: ir.Node) -> ir.Value:
+def _selu(b: Emitter, node: ir.Node) -> ir.Value:
     attrs = node.attributes
     elu = _elu_of(b, node.inputs[0], attrs.get_float("alpha", 1.67326319217681884765625))
-    return b.op("Mul", [elu, b.scalar("gamma", attrs.get_float("gamma", 1.05070102214813232421875))], "selu")
+    return b.op("Mul", [elu, _constant(b, "gamma", attrs.get_float("gamma", 1.05070102214813232421875))], "selu")
 
 
-def _sum(b: _Builder, node: ir.Node) -> ir.Value:
+def _sum(b: Emitter, node: ir.Node) -> ir.Value:
     total = node.inputs[0]
     for index, term in enumerate(node.inputs[1:], start=1):
         total = b.op("Add", [total, term], f"partial_sum_{index}")
@@ -136,7 +119,7 @@ def _nearest_integer_scales(node: ir.Node) -> tuple[int, int] | None:
     return oh // h, ow // w
 
 
-def _resize(b: _Builder, node: ir.Node) -> ir.Value:
+def _resize(b: Emitter, node: ir.Node) -> ir.Value:
     sh, sw = _nearest_integer_scales(node)
     x = node.inputs[0]
     _, c, h, w = x.shape
@@ -155,18 +138,15 @@ def _clips_at_zero(node: ir.Node) -> bool:
     return len(node.inputs) >= 2 and _constant_value(node.inputs[1]) == 0.0
 
 
-def _clip_at_zero(b: _Builder, node: ir.Node) -> ir.Value:
+def _clip_at_zero(b: Emitter, node: ir.Node) -> ir.Value:
     rectified = b.op("Relu", [node.inputs[0]], "relu")
     upper = node.inputs[2] if len(node.inputs) > 2 else None
     if upper is None:
         return rectified
-    clip = ir.node("Clip", [rectified, None, upper], name=f"{b.prefix}/clip_max")
-    clip.outputs[0].name = f"{b.prefix}/clip_max"
-    b.graph.insert_before(b.anchor, clip)
-    return clip.outputs[0]
+    return b.op("Clip", [rectified, None, upper], "clip_max")
 
 
-RULES: dict[str, Callable[[_Builder, ir.Node], ir.Value]] = {
+RULES: dict[str, Callable[[Emitter, ir.Node], ir.Value]] = {
     "Clip": _clip_at_zero,
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
@@ -190,13 +170,17 @@ class DecomposeGradientlessOpsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for node in list(self.nodes):
+        names = graph_names(model.graph)
+        selected = set(self.nodes)
+        for node in [node for node in model.graph if node in selected]:  # graph order: deterministic names
             rule = RULES.get(node.op_type)
             if rule is None or node.domain not in ("", "ai.onnx"):
                 continue
             if node.op_type in APPLIES and not APPLIES[node.op_type](node):
                 continue
-            replacement = rule(_Builder(model.graph, node), node)
+            emitter = Emitter(ir.tape.Tape(), node.name or node.outputs[0].name, names)
+            replacement = rule(emitter, node)
+            insert_before(model.graph, emitter.tape, node)
             original = node.outputs[0]
             replacement.name, replacement.shape, replacement.dtype = original.name, original.shape, original.dtype
             node.outputs[0].replace_all_uses_with(replacement, replace_graph_outputs=True)

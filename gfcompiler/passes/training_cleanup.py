@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
+
+from gfcompiler.emit import Emitter, graph_names, insert_before
 
 
 class DropUnusedMaxPoolIndicesPass(ir.passes.InPlacePass):
     """Remove the ``Indices`` output of MaxPool nodes where nothing reads it.
 
     The training-graph builder gives every MaxPool an indices output, frozen ones too;
-    onnxruntime then picks a kernel that computes them, which was ~20× slower for
-    resnet18's stem pool (21 ms vs 1 ms at batch 8, ~10% of a training step). A MaxPool
-    whose gradient is needed keeps its indices (MaxPoolGrad reads them).
+    onnxruntime then picks a much slower kernel that computes them (benchmarks/README.md,
+    "Formulation choices"). A MaxPool whose gradient is needed keeps its indices
+    (MaxPoolGrad reads them).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -48,20 +49,20 @@ class CoupledWeightDecayPass(ir.passes.InPlacePass):
         graph = model.graph
         inputs = {value.name: value for value in graph.inputs}
         by_buffer = {self.buffer_name(name): inputs[name] for name in self.params if name in inputs}
-        decay = ir.Value(name="weight_decay", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                         const_value=ir.tensor(np.float32(self.weight_decay), name="weight_decay"))
-        graph.register_initializer(decay)
+        names = graph_names(graph)
+        decay_tape = ir.tape.Tape()
+        decay = Emitter(decay_tape, "", names).scalar("weight_decay", self.weight_decay)
+        for initializer in decay_tape.initializers:
+            graph.register_initializer(initializer)
         decayed = 0
         for node in list(graph):
             if node.op_type != "InPlaceAccumulatorV2" or node.inputs[0] is None or node.inputs[0].name not in by_buffer:
                 continue
             param, grad = by_buffer[node.inputs[0].name], node.inputs[1]
-            name = param.name
-            scaled = ir.node("Mul", [param, decay], name=f"{name}/weight_decay/scaled", outputs=[ir.Value(name=f"{name}_decay")])
-            total = ir.node("Add", [grad, scaled.outputs[0]], name=f"{name}/weight_decay/add",
-                            outputs=[ir.Value(name=f"{name}_grad_decayed")])
-            graph.insert_before(node, [scaled, total])
-            node.replace_input_with(1, total.outputs[0])
+            e = Emitter(ir.tape.Tape(), f"{param.name}/weight_decay", names)
+            total = e.op("Add", [grad, e.op("Mul", [param, decay], "scaled")], "add")
+            insert_before(graph, e.tape, node)
+            node.replace_input_with(1, total)
             decayed += 1
         if decayed != len(by_buffer):
             raise ValueError(f"weight decay reached {decayed} of {len(by_buffer)} trainable parameters' gradients")
