@@ -1,6 +1,6 @@
 """The ONNX builder of the gradient filter against the NumPy reference, through onnxruntime.
 
-A property test draws conv configurations over every axis of SPEC.md (batch, channels,
+A property test draws conv configurations over every axis of docs/operator.md (batch, channels,
 groups, kernels, strides, asymmetric pads, odd sizes, dilations on both sides of r,
 patch sizes, with and without an input gradient); named cases pin the edge cases that
 once needed special handling in the builder. Every output of the subgraph (X_sum,
@@ -97,7 +97,7 @@ def conv_configs(draw) -> tuple[FilterGeometry, int, bool]:
         g = draw(st.integers(2, 3))
         ci, co = g * draw(st.integers(2, 3)), g * draw(st.integers(1, 3))
     dilation = draw(st.sampled_from(["none", "below_r", "at_least_r"]), label="dilation")
-    if dilation == "at_least_r":  # SPEC step 8; the geometry supports it for 3x3 kernels only
+    if dilation == "at_least_r":  # docs/operator.md step 8; the geometry supports it for 3x3 kernels only
         kernel = (3, 3)
         d = draw(st.integers(max(r, 2), max(r, 2) + 2))
         dilations = (d, d)

@@ -4,10 +4,10 @@
   gradients, from torch autograd in float64;
 * (b), (c) the two pooling steps on inputs whose answer is known by counting;
 * (d) for ungrouped convs, dX and dW equal an independent float64 torch implementation
-  written from SPEC.md's text (avg_pool2d with divisor_override=1 / count_include_pad=False,
+  written from docs/operator.md's text (avg_pool2d with divisor_override=1 / count_include_pad=False,
   1x1 transposed conv, broadcast, nearest upsampling, crop), on every configuration
   whose paddings torch's avg_pool2d accepts;
-* (e) a grouped conv is not a depthwise one: SPEC.md's warning about the paper's code.
+* (e) a grouped conv is not a depthwise one (docs/operator.md, backward step 4).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_pointwise_stride1_patch1_is_exact(batch, ci, co, h, w, group):
 
 
 def test_bias_grad_is_exact_for_any_patch():
-    """SPEC step 7: dB is the exact bias gradient whatever r and the geometry."""
+    """docs/operator.md step 7: dB is the exact bias gradient whatever r and the geometry."""
     conv = ConvShape(2, 3, 4, 13, 11, (3, 5), (2, 1), (1, 2, 0, 1), (1, 2))
     x, w, dy = _random((2, 3, 13, 11), 4), _random(conv.weight_shape, 5), _random((2, 4, conv.out_height, conv.out_width), 6)
     exact_db = _exact_conv_grads(conv, x, w, dy)[2]
@@ -123,7 +123,7 @@ def test_average_of_constant_grad_is_that_constant(geom):
 
 
 def _spec_in_torch(geom: FilterGeometry, x, w, dy):
-    """SPEC.md's forward and backward sides, step by step, in float64 torch (ungrouped, no step 8).
+    """docs/operator.md's forward and backward sides, step by step, in float64 torch (ungrouped, no step 8).
 
     Returns None when a padding is outside what ``avg_pool2d`` accepts (negative, or
     more than half its kernel).
@@ -214,7 +214,7 @@ def test_grouped_conv_is_not_depthwise():
     dy_avg = reference.grad_output_average(dy, geom)
     dx, dw, _ = reference.filtered_backward(dy, x_sum, w_sum, geom, w)
 
-    # Block-diagonal (SPEC step 4), by torch: a grouped 1x1 transposed conv and per-group products.
+    # Block-diagonal (docs/operator.md step 4), by torch: a grouped 1x1 transposed conv and per-group products.
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     dx_small = F.conv_transpose2d(t(dy_avg), t(w_sum)[:, :, None, None], groups=2).numpy()
     np.testing.assert_allclose(dx[:, :, ::2, ::2], dx_small, rtol=1e-12)

@@ -1,7 +1,7 @@
 """Whole models: gradients of compiled artifacts against torch autograd.
 
 Filtered layers must match torch with the NumPy reference operator swapped into the
-same convs (so the filtered gradients chain exactly as SPEC.md says); with
+same convs (so the filtered gradients chain exactly as docs/operator.md says); with
 ``--patch 0`` every gradient must match plain torch autograd (the exact backward).
 """
 

@@ -1,7 +1,7 @@
 """Torch-side yardsticks for whole-model gradient tests (tests only; torch is no runtime dependency).
 
 * `FilteredConv2d` swaps an ``nn.Conv2d`` for one whose backward is the NumPy
-  reference of SPEC.md (`gfcompiler.reference`), so torch autograd chains filtered
+  reference of docs/operator.md (`gfcompiler.reference`), so torch autograd chains filtered
   layers exactly as the compiled graph should.
 * `fused` folds BatchNorm into convs (torch.fx), giving the same parameters the
   compiler's BN folding produces.

@@ -263,8 +263,8 @@ def _apply_axis(ctx: GradContext, grad: ir.Value, axis: int, rank: int, matrix: 
 def _where(ctx: GradContext, condition: ir.Value, then: ir.Value, otherwise: ir.Value | None, name: str) -> ir.Value:
     """``then`` where ``condition``, else ``otherwise`` (zero when None).
 
-    The zero case is ``then · float(condition)``: onnxruntime's CPU ``Where`` is 3–10× slower
-    than a ``Cast`` and a ``Mul`` (a ReLU's gradient at 8×64×56×56: 18.5 vs 6.9 ms, 1.19.2).
+    The zero case is ``then · float(condition)``: onnxruntime's CPU ``Where`` is several times
+    slower than a ``Cast`` and a ``Mul`` (benchmarks/README.md, "Formulation choices").
     A NaN/Inf in ``then`` survives the mask, which only matters when the loss is
     already non-finite (and the step leaves the state unchanged then).
     """

@@ -12,8 +12,8 @@ class DropUnusedMaxPoolIndicesPass(ir.passes.InPlacePass):
 
     The training-graph builder gives every MaxPool an indices output, frozen ones too;
     onnxruntime then picks a much slower kernel that computes them (benchmarks/README.md,
-    "Formulation choices"). A MaxPool whose gradient is needed keeps its indices
-    (MaxPoolGrad reads them).
+    "Whole models"). A MaxPool whose gradient is needed keeps its indices (MaxPoolGrad
+    reads them).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
