@@ -27,9 +27,8 @@ import onnx
 from gfcompiler import ort_training
 from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.loading import MAX_IR_VERSION
-from gfcompiler.manifest import FILES
+from gfcompiler.manifest import FILES, LOSSES, OptimizerRecord
 
-LOSSES = ("cross_entropy", "mse", "bce", "l1")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -58,24 +57,23 @@ class OptimizerSpec:
             return 1.0 / (1.0 - self.momentum)
         return 1.0
 
-    def to_manifest(self, backend: str = "ort-training") -> dict:
+    def to_manifest(self, backend: str = "ort-training") -> OptimizerRecord:
+        """The manifest's optimizer record: what the runtime scales the learning rate by, and how the update runs."""
+        momentum = self.momentum if self.name == "sgd" else None
         if backend == "onnx":  # the step model computes torch.optim's update itself (gfcompiler.onnx_step.optimizers)
-            record = {"name": self.name, "weight_decay": self.effective_weight_decay, "lr_multiplier": 1.0}
-            if self.name == "sgd":
-                record["momentum"] = self.momentum
-            record["implementation"] = f"standard ONNX ops in the step model, torch.optim.{'AdamW' if self.name == 'adamw' else 'SGD'} numerics"
-            return record
-        record = {"name": self.name, "weight_decay": self.effective_weight_decay, "lr_multiplier": self.lr_multiplier}
+            torch_name = "AdamW" if self.name == "adamw" else "SGD"
+            return OptimizerRecord(self.name, self.effective_weight_decay, 1.0, momentum,
+                                   f"standard ONNX ops in the step model, torch.optim.{torch_name} numerics")
+        implementation = None
         if self.name == "sgd":
-            record["momentum"] = self.momentum
-            record["implementation"] = (
+            implementation = (
                 "onnxruntime AdamWOptimizer with beta1=momentum, beta2=1, eps=1, no bias correction: "
                 "m = momentum*m + (1-momentum)*g and p -= lr*lr_multiplier*m, which equals torch.optim.SGD "
                 "(dampening 0); weight decay is added to the gradient in the training graph"
             ) if self.momentum > 0 else (
                 "onnxruntime SGDOptimizerV2: p -= lr*g; weight decay is added to the gradient in the training graph"
             )
-        return record
+        return OptimizerRecord(self.name, self.effective_weight_decay, self.lr_multiplier, momentum, implementation)
 
 
 def optimizer_block(spec: OptimizerSpec):

@@ -34,10 +34,30 @@ from gfcompiler.errors import InputError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
 from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model, measure_unknown_conv_inputs
-from gfcompiler.manifest import BACKENDS, FILES, STEP_FILES, TWO_STAGE_FILES, sha256_file, write_manifest
+from gfcompiler.manifest import (
+    BACKENDS,
+    FILES,
+    STEP_FILES,
+    TWO_STAGE_FILES,
+    ConvGeometryRecord,
+    Form,
+    LayerRecord,
+    Manifest,
+    PreprocessRecord,
+    SelectionRecord,
+    SourceModel,
+    StateRecord,
+    StepRecord,
+    TensorRecord,
+    Totals,
+    dtype_name,
+    sha256_file,
+    write_manifest,
+)
 from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
+from gfcompiler.passes.output_head import META_KEY as STRIPPED_SOFTMAX_KEY
 from gfcompiler.passes.output_head import strip_softmax_for_loss
 from gfcompiler.passes.training_cleanup import CoupledWeightDecayPass, DropUnusedMaxPoolIndicesPass
 from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
@@ -181,15 +201,11 @@ class _Form:
         for key in TWO_STAGE_FILES:
             artifacts.cap_ir_version(staging / TWO_STAGE_FILES[key])
 
-    def to_manifest(self) -> dict:
+    def to_manifest(self) -> Form:
         if self.split is None:
-            return {"form": "single_graph", "single_graph_reason": self.reason}
-        return {
-            "form": "two_stage",
-            "boundary": [tensor.to_manifest() for tensor in self.split.boundary],
-            "prefix_nodes": self.split.prefix_nodes,
-            "suffix_nodes": self.split.suffix_nodes,
-        }
+            return Form("single_graph", single_graph_reason=self.reason)
+        return Form("two_stage", boundary=tuple(self.split.boundary), prefix_nodes=self.split.prefix_nodes,
+                    suffix_nodes=self.split.suffix_nodes)
 
 
 @dataclasses.dataclass
@@ -242,91 +258,84 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
 
 
 def _layer_record(conv: ir.Node, selection: Selection, shape: ConvShape | str, geometry: FilterGeometry | None,
-                  accounting: _Accounting, patch: int) -> dict:
-    trained = selection.is_trained(conv)
-    record: dict = {"name": conv.name, "trained": trained}
-    if isinstance(shape, ConvShape):
-        record.update(
-            input_shape=[shape.batch, shape.in_channels, shape.height, shape.width],
-            output_shape=[shape.batch, shape.out_channels, shape.out_height, shape.out_width],
-            kernel=list(shape.kernel), strides=list(shape.strides), pads=list(shape.pads),
-            dilations=list(shape.dilations), group=shape.group,
-        )
-    if not trained:
-        record["backward"] = "none (frozen)"
-        return record
+                  accounting: _Accounting, patch: int) -> LayerRecord:
+    known = isinstance(shape, ConvShape)
+    conv_geometry = ConvGeometryRecord(
+        input_shape=(shape.batch, shape.in_channels, shape.height, shape.width),
+        output_shape=(shape.batch, shape.out_channels, shape.out_height, shape.out_width),
+        kernel=tuple(shape.kernel), strides=tuple(shape.strides), pads=tuple(shape.pads),
+        dilations=tuple(shape.dilations), group=shape.group,
+    ) if known else None
+    if not selection.is_trained(conv):
+        return LayerRecord(conv.name, trained=False, backward="none (frozen)", geometry=conv_geometry)
     needs_dx = accounting.input_grad_needed.get(conv.name, True)
-    record["needs_input_grad"] = needs_dx
-    record["backward"] = "filtered" if geometry is not None else "exact"
+    reason = None
     if geometry is None:
-        if patch == 0:
-            record["reason"] = "--patch 0 (exact baseline)"
-        elif isinstance(shape, str):
-            record["reason"] = shape
-        else:
-            record["reason"] = FilterGeometry(shape, patch).unsupported_reason()
-    if isinstance(shape, ConvShape):
-        batch = accounting.batch
-        exact_macs = FilterGeometry(shape, max(patch, 1)).exact_backward_macs(batch, needs_dx)
-        record["backward_macs_exact"] = exact_macs
-        record["backward_macs"] = geometry.backward_macs(batch, needs_dx) if geometry is not None else exact_macs
-        if geometry is not None:
-            record["patches"] = list(geometry.patches)
-    record["held_bytes_exact"] = accounting.exact.per_layer.get(conv.name)
-    record["held_bytes"] = accounting.emitted.per_layer.get(conv.name)
-    record["held_tensors"] = accounting.emitted.per_layer_tensors.get(conv.name, [])
-    return record
+        reason = "--patch 0 (exact baseline)" if patch == 0 else shape if not known else \
+            FilterGeometry(shape, patch).unsupported_reason()
+    exact_macs = macs = None
+    if known:
+        exact_macs = FilterGeometry(shape, max(patch, 1)).exact_backward_macs(accounting.batch, needs_dx)
+        macs = geometry.backward_macs(accounting.batch, needs_dx) if geometry is not None else exact_macs
+    return LayerRecord(
+        conv.name, trained=True, backward="filtered" if geometry is not None else "exact", geometry=conv_geometry,
+        needs_input_grad=needs_dx, reason=reason, backward_macs_exact=exact_macs, backward_macs=macs,
+        patches=tuple(geometry.patches) if geometry is not None else None,
+        held_bytes_exact=accounting.exact.per_layer.get(conv.name),
+        held_bytes=accounting.emitted.per_layer.get(conv.name),
+        held_tensors=tuple(accounting.emitted.per_layer_tensors.get(conv.name, [])),
+    )
 
 
 def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: dict, geometries: dict,
-              accounting: _Accounting, options: CompileOptions, files: dict, form: dict, staging: Path) -> dict:
+              accounting: _Accounting, options: CompileOptions, files: dict, form: Form, staging: Path) -> dict:
+    """The manifest's JSON (gfcompiler.manifest.Manifest) for the artifacts in ``staging``."""
     layers = [
         _layer_record(conv, selection, shapes[conv.name], geometries.get(conv.name), accounting, options.patch)
         for conv in selection.convs
     ]
     eval_inputs = outdir.session_io(staging / files["eval_model"])
-    data_names = {value.name for value in data_inputs(model)} | {tensor["name"] for tensor in form.get("boundary", [])}
-    label = [io for io in eval_inputs["inputs"] if io["name"] not in data_names and io["name"] not in selection.trainable_params]
-    trained = [layer for layer in layers if layer["trained"]]
-    return {
-        "format": gfcompiler.ARTIFACT_FORMAT,
-        "backend": options.backend,
-        "gfcompiler_version": gfcompiler.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_model": {"path": str(model_path), "sha256": sha256_file(model_path)},
-        "files": files,
-        **form,
-        "inputs": [_io_record(value) for value in data_inputs(model)],
-        "outputs": [_io_record(value) for value in model.graph.outputs],
-        "label": label[0] if label else None,
-        "loss": options.loss,
-        "optimizer": options.optimizer.to_manifest(options.backend),
-        "patch": options.patch,
-        "selection": {"rule": selection.rule, "trained_convs": [c.name for c in selection.trained_convs]},
-        "trainable_params": list(selection.trainable_params),
-        "preprocess": options.preprocess,
-        "accounting_batch": accounting.batch,
-        "totals": {
-            "filtered_layers": sum(1 for layer in trained if layer["backward"] == "filtered"),
-            "trained_layers": len(trained),
-            "backward_macs_exact": sum(layer.get("backward_macs_exact", 0) for layer in trained),
-            "backward_macs": sum(layer.get("backward_macs", 0) for layer in trained),
-            # Whole training graph (ReLU gradients etc. included) vs the trained convs' backward alone.
-            "held_bytes_exact": accounting.exact.total_bytes,
-            "held_bytes": accounting.emitted.total_bytes,
-            "trained_convs_held_bytes_exact": sum(layer.get("held_bytes_exact") or 0 for layer in trained),
-            "trained_convs_held_bytes": sum(layer.get("held_bytes") or 0 for layer in trained),
-            "held_bytes_unknown": accounting.emitted.unknown,
-        },
-        "layers": layers,
-        "file_digests": {name: sha256_file(staging / name) for name in files.values()},
-    }
+    data_names = {value.name for value in data_inputs(model)} | {tensor.name for tensor in form.boundary}
+    label = [io for io in eval_inputs["inputs"] if io.name not in data_names and io.name not in selection.trainable_params]
+    return Manifest(
+        format=gfcompiler.ARTIFACT_FORMAT,
+        backend=options.backend,
+        gfcompiler_version=gfcompiler.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        source_model=SourceModel(str(model_path), sha256_file(model_path)),
+        files=files,
+        form=form,
+        inputs=tuple(_io_record(value) for value in data_inputs(model)),
+        outputs=tuple(_io_record(value) for value in model.graph.outputs),
+        label=label[0] if label else None,
+        loss=options.loss,
+        optimizer=options.optimizer.to_manifest(options.backend),
+        patch=options.patch,
+        selection=SelectionRecord(selection.rule, tuple(c.name for c in selection.trained_convs)),
+        trainable_params=tuple(selection.trainable_params),
+        preprocess=None if options.preprocess is None else PreprocessRecord.from_json(options.preprocess),
+        accounting_batch=accounting.batch,
+        totals=Totals.of_layers(layers, accounting.exact.total_bytes, accounting.emitted.total_bytes,
+                                accounting.emitted.unknown),
+        layers=tuple(layers),
+        notes=_notes(model),
+        file_digests={name: sha256_file(staging / name) for name in files.values()},
+    ).to_json()
 
 
-def _io_record(value: ir.Value) -> dict:
-    shape = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
-    dtype = value.dtype.name.lower() if value.dtype is not None else None
-    return {"name": value.name, "shape": shape, "dtype": "float32" if dtype == "float" else dtype}
+def _notes(model: ir.Model) -> tuple[str, ...]:
+    """What the compile changed that the user must know when using the artifacts."""
+    return tuple(
+        f"output {stripped.output!r} was a Softmax ({stripped.node}); cross-entropy applies its own, so the model "
+        f"is trained on, and outputs, its input {stripped.logits!r} (logits; argmax unchanged, softmax over axis "
+        f"{stripped.axis} gives the probabilities); --keep-softmax keeps it"
+        for stripped in model.meta.get(STRIPPED_SOFTMAX_KEY, ())
+    )
+
+
+def _io_record(value: ir.Value) -> TensorRecord:
+    shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
+    return TensorRecord(value.name, shape, dtype_name(value.dtype.name) if value.dtype is not None else None)
 
 
 def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, selection: Selection, shapes: dict,
@@ -359,9 +368,9 @@ def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, sel
         progress("checking the step and eval models load in onnxruntime")
         outdir.check_models_loadable(staging, [files["step_model"], files["eval_model"]])
         accounting = _Accounting(batch, exact, emitted, built.needs_input_grad)
-        form = {"form": "step_model", "step": {
-            "learning_rate": step_model.LEARNING_RATE, "step": step_model.STEP, "loss": "loss",
-            "output": model.graph.outputs[0].name, "state": [entry.to_manifest() for entry in built.state]}}
+        state = tuple(StateRecord(entry.name, entry.updated, entry.kind, entry.param) for entry in built.state)
+        form = Form("step_model", step=StepRecord(step_model.LEARNING_RATE, step_model.STEP, "loss",
+                                                  model.graph.outputs[0].name, state))
         manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, dict(files),
                              form, staging)
         write_manifest(staging, manifest)

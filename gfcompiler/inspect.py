@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from gfcompiler.errors import ArtifactError, InputError
-from gfcompiler.manifest import FILES, MANIFEST_NAME, read_manifest
+from gfcompiler.manifest import FILES, MANIFEST_NAME, Manifest
 
 
 def _mib(value: int | None) -> str:
@@ -28,28 +28,27 @@ def _shape(dims) -> str:
     return "x".join("N" if d is None else str(d) for d in dims) if dims else "?"
 
 
-def layer_table(manifest: dict) -> str:
+def layer_table(manifest: Manifest) -> str:
     """One row per conv: geometry, trained?, backward kind, MACs and held bytes exact vs emitted."""
     header = ("layer", "in -> out", "k/s/g/d", "trained", "backward", "MMAC exact", "MMAC", "held MiB exact", "held MiB")
     rows = [header]
-    for layer in manifest["layers"]:
+    for layer in manifest.layers:
+        conv = layer.geometry
         geometry = "?"
-        if "kernel" in layer:
-            k, s, d = layer["kernel"], layer["strides"], layer["dilations"]
-            geometry = f"{k[0]}x{k[1]}/{s[0]}x{s[1]}/{layer['group']}/{d[0]}"
-        backward = layer["backward"]
-        if layer.get("reason"):
-            backward += f" ({layer['reason']})"
+        if conv is not None:
+            k, s, d = conv.kernel, conv.strides, conv.dilations
+            geometry = f"{k[0]}x{k[1]}/{s[0]}x{s[1]}/{conv.group}/{d[0]}"
+        backward = layer.backward + (f" ({layer.reason})" if layer.reason else "")
         rows.append((
-            layer["name"],
-            f"{_shape(layer.get('input_shape'))} -> {_shape(layer.get('output_shape'))}",
+            layer.name,
+            f"{_shape(conv and conv.input_shape)} -> {_shape(conv and conv.output_shape)}",
             geometry,
-            "yes" if layer["trained"] else "no",
+            "yes" if layer.trained else "no",
             backward,
-            _mmacs(layer.get("backward_macs_exact")),
-            _mmacs(layer.get("backward_macs")),
-            _mib(layer.get("held_bytes_exact")) if layer["trained"] else "-",
-            _mib(layer.get("held_bytes")) if layer["trained"] else "-",
+            _mmacs(layer.backward_macs_exact),
+            _mmacs(layer.backward_macs),
+            _mib(layer.held_bytes_exact) if layer.trained else "-",
+            _mib(layer.held_bytes) if layer.trained else "-",
         ))
     trained = [row for row in rows[1:] if row[3] == "yes"]
     frozen = len(rows) - 1 - len(trained)
@@ -60,51 +59,59 @@ def layer_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def render_summary(manifest: dict) -> str:
-    totals = manifest["totals"]
-    batch = manifest.get("accounting_batch", 1)
-    exact_macs, macs = totals["backward_macs_exact"], totals["backward_macs"]
+def render_summary(manifest: Manifest | dict) -> str:
+    """The compile summary: layer table, selection, MACs and bytes held, form, and the compiler's notes.
+
+    ``manifest``: a `Manifest` or its JSON (what `compile_model` returns).
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(manifest)
+    totals = manifest.totals
+    batch = manifest.accounting_batch or 1
+    exact_macs, macs = totals.backward_macs_exact, totals.backward_macs
     ratio = f"{exact_macs / macs:.1f}x fewer" if macs else "n/a"
-    patch = manifest["patch"]
+    patch = manifest.patch
     lines = [
         layer_table(manifest),
         "",
-        f"selection: {manifest['selection']['rule']}; {len(manifest['trainable_params'])} trainable tensors; "
+        f"selection: {manifest.selection.rule}; {len(manifest.trainable_params)} trainable tensors; "
         f"patch {patch}{' (exact backward)' if patch == 0 else ''}",
-        f"filtered {totals['filtered_layers']} of {totals['trained_layers']} trained convs; "
+        f"filtered {totals.filtered_layers} of {totals.trained_layers} trained convs; "
         f"trained-conv backward MACs (batch {batch}): {_mmacs(exact_macs)}M exact -> {_mmacs(macs)}M ({ratio})",
         f"held from forward to backward, batch {batch}: trained convs' backward "
-        f"{_mib(totals.get('trained_convs_held_bytes_exact'))} MiB exact -> {_mib(totals.get('trained_convs_held_bytes'))} MiB; "
-        f"whole graph {_mib(totals['held_bytes_exact'])} MiB exact -> {_mib(totals['held_bytes'])} MiB",
+        f"{_mib(totals.trained_convs_held_bytes_exact)} MiB exact -> {_mib(totals.trained_convs_held_bytes)} MiB; "
+        f"whole graph {_mib(totals.held_bytes_exact)} MiB exact -> {_mib(totals.held_bytes)} MiB",
         _form_line(manifest),
     ]
+    lines += [f"note: {note}" for note in manifest.notes]
     return "\n".join(lines)
 
 
-def _form_line(manifest: dict) -> str:
+def _form_line(manifest: Manifest) -> str:
     """How the artifacts run: frozen prefix + trained suffix (and what crosses), or one training graph."""
-    if manifest.get("form") == "step_model":
+    form = manifest.form
+    if form.kind == "step_model":
         return ("form: one standard-ONNX step model (forward, loss, backward and optimizer update) for "
                 "plain onnxruntime; frozen layers are its constants")
-    if manifest.get("form") != "two_stage":
-        reason = manifest.get("single_graph_reason")
-        return "form: single training graph" + (f" ({reason})" if reason else "")
-    crossing = ", ".join(f"{b['name']} {_shape(b['shape'])}" for b in manifest["boundary"])
-    return (f"form: two-stage: frozen prefix_model.onnx ({manifest['prefix_nodes']} nodes, inference session) -> "
-            f"training suffix ({manifest['suffix_nodes']} nodes); crossing: {crossing}")
+    if form.kind != "two_stage":
+        return "form: single training graph" + (f" ({form.single_graph_reason})" if form.single_graph_reason else "")
+    crossing = ", ".join(f"{b.name} {_shape(b.shape)}" for b in form.boundary)
+    return (f"form: two-stage: frozen prefix_model.onnx ({form.prefix_nodes} nodes, inference session) -> "
+            f"training suffix ({form.suffix_nodes} nodes); crossing: {crossing}")
 
 
-def _layer_subgraph(directory: Path, layer_name: str, manifest: dict):
+def _layer_subgraph(directory: Path, layer_name: str, manifest: Manifest):
     import onnx_ir as ir
 
     from gfcompiler.emit import nodes_of_layer
     from gfcompiler.passes.gradient_filter import forward_conv_of, is_conv_grad
 
-    names = [layer["name"] for layer in manifest["layers"]]
+    names = [layer.name for layer in manifest.layers]
     if layer_name not in names:
-        raise InputError(f"--layer: no conv named {layer_name!r} (trained: {', '.join(manifest['selection']['trained_convs'])})")
-    if manifest.get("form") == "step_model":
-        model = ir.load(str(directory / manifest["files"]["step_model"]))
+        trained = ", ".join(manifest.selection.trained_convs) if manifest.selection else "none recorded"
+        raise InputError(f"--layer: no conv named {layer_name!r} (trained: {trained})")
+    if manifest.form.kind == "step_model":
+        model = ir.load(str(directory / manifest.files["step_model"]))
         return [node for node in model.graph if node.name == layer_name] + nodes_of_layer(model.graph, layer_name)
     model = ir.load(str(directory / FILES["training_model"]))
     emitted = set(nodes_of_layer(model.graph, layer_name))  # the gradient filter's nodes for the layer
@@ -144,19 +151,19 @@ def _dot(nodes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_directory(directory: Path) -> dict:
+def _load_directory(directory: Path) -> Manifest:
     if not (directory / MANIFEST_NAME).exists():
         raise ArtifactError(f"{directory}: no {MANIFEST_NAME} (not a gfc compile output)")
     try:
-        return read_manifest(directory)
-    except (OSError, ValueError) as error:
+        return Manifest.read(directory)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise ArtifactError(f"{directory / MANIFEST_NAME}: unreadable ({error})") from None
 
 
 def _show(directory: Path, args: argparse.Namespace) -> int:
     manifest = _load_directory(directory)
     if args.json:
-        print(json.dumps(manifest["layers"], indent=2))
+        print(json.dumps([layer.to_json() for layer in manifest.layers], indent=2))
     elif args.layer:
         nodes = _layer_subgraph(directory, args.layer, manifest)
         print(f"{args.layer}: forward conv and backward subgraph ({len(nodes)} nodes)")

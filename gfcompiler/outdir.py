@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 
 from gfcompiler.errors import ArtifactError, OutputError, UnsupportedModelError
-from gfcompiler.manifest import FILES, TWO_STAGE_FILES
+from gfcompiler.manifest import FILES, TWO_STAGE_FILES, TensorRecord, dtype_name
 
 
 def check_writable_target(target: Path, force: bool) -> None:
@@ -99,8 +99,8 @@ def _replace(staging: Path, target: Path, force: bool) -> None:
         os.rename(staging, target)
 
 
-def session_io(model_path: Path) -> dict:
-    """Input/output names, shapes and dtypes of a model as onnxruntime sees them."""
+def session_io(model_path: Path) -> dict[str, list[TensorRecord]]:
+    """Input/output names, shapes and dtypes of a model as onnxruntime sees them: {"inputs": [...], "outputs": [...]}."""
     from gfcompiler.ort_training import onnxruntime
 
     ort = onnxruntime()
@@ -109,10 +109,8 @@ def session_io(model_path: Path) -> dict:
     options.log_severity_level = 3  # warnings about unused initializers are noise here
     session = ort.InferenceSession(os.fspath(model_path), options, providers=["CPUExecutionProvider"])
 
-    def record(arg) -> dict:
-        dtype = arg.type.replace("tensor(", "").rstrip(")")
-        dtype = {"float": "float32", "double": "float64"}.get(dtype, dtype)
-        return {"name": arg.name, "shape": [d if isinstance(d, int) else None for d in arg.shape], "dtype": dtype}
+    def record(arg) -> TensorRecord:
+        return TensorRecord(arg.name, tuple(d if isinstance(d, int) else None for d in arg.shape), dtype_name(arg.type))
 
     return {"inputs": [record(a) for a in session.get_inputs()], "outputs": [record(a) for a in session.get_outputs()]}
 

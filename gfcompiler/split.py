@@ -37,21 +37,12 @@ import onnx.utils
 import onnx_ir as ir
 
 from gfcompiler.loading import data_inputs
+from gfcompiler.manifest import TensorRecord, dtype_name
 from gfcompiler.selection import Selection
 
-
-@dataclasses.dataclass(frozen=True)
-class BoundaryTensor:
-    """A tensor that crosses from the prefix (or the data input) into the suffix."""
-
-    name: str
-    shape: tuple[int | None, ...] | None
-    dtype: str
-    from_input: bool  # a data input the suffix reads directly (the prefix does not output it)
-
-    def to_manifest(self) -> dict:
-        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype,
-                "from_input": self.from_input}
+# A tensor that crosses from the prefix (or the data input) into the suffix: a manifest tensor
+# record whose ``from_input`` says it is a data input the suffix reads directly.
+BoundaryTensor = TensorRecord
 
 
 @dataclasses.dataclass
@@ -139,5 +130,5 @@ def export_model(model: ir.Model, trainable_params: list[str]) -> onnx.ModelProt
 
 def _boundary_tensor(value: ir.Value, from_input: bool) -> BoundaryTensor:
     shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
-    dtype = value.dtype.name.lower() if value.dtype is not None else "float"
-    return BoundaryTensor(value.name, shape, "float32" if dtype == "float" else dtype, from_input)
+    return BoundaryTensor(value.name, shape, dtype_name(value.dtype.name if value.dtype is not None else "float"),
+                          from_input)

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gfcompiler.manifest import read_manifest
+from gfcompiler.manifest import Manifest
 from gfcompiler.runtime.device import Device
 from gfcompiler.runtime.prefix import FrozenPrefix
 
 
 def module_inputs(directory: Path, module, x: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
     """``module``'s inputs for the batch (x, labels), in ``module.input_names()`` order."""
-    manifest = read_manifest(Path(directory))
-    feeds = {manifest["inputs"][0]["name"]: x, manifest["label"]["name"]: labels}
-    if manifest.get("form") == "two_stage":
+    manifest = Manifest.read(Path(directory))
+    feeds = {manifest.inputs[0].name: x, manifest.label.name: labels}
+    if manifest.form.kind == "two_stage":
         prefix = FrozenPrefix.from_manifest(directory, manifest, Device("cpu"))
         feeds.update({name: value.numpy() for name, value in prefix(x).items()})
     return [feeds[name] for name in module.input_names()]

@@ -17,13 +17,13 @@ import numpy as np
 
 from gfcompiler.bench.options import Progress, _silent
 from gfcompiler.bench.timing import TrainerStep
-from gfcompiler.manifest import read_manifest
+from gfcompiler.manifest import Manifest
 from gfcompiler.runtime.peak_memory import peak_kib, reset_peak_kib
 
 
 def probe_memory(directory: Path, batch: int, threads: int | None) -> dict:
     """Peak memory of the first training step of ``directory`` (run in a fresh process)."""
-    manifest = read_manifest(directory)
+    manifest = Manifest.read(directory)
     step = TrainerStep(directory, manifest, batch, threads, memory_arena=False)
     before = reset_peak_kib()
     step()

@@ -17,14 +17,14 @@ from gfcompiler.bench.options import DEFAULT_BATCH, BenchOptions, Progress, _sil
 from gfcompiler.bench.profile import profile_variants
 from gfcompiler.bench.timing import ForwardOnly, OtherCpu, Timings, TrainerStep, _onnxruntime, make_batch, stats, time_interleaved
 from gfcompiler.errors import InputError, UnsupportedModelError
-from gfcompiler.manifest import BACKEND_ONNX, BACKEND_ORT_TRAINING
+from gfcompiler.manifest import BACKEND_ONNX, BACKEND_ORT_TRAINING, Manifest
 
 
 @dataclasses.dataclass
 class Variant:
     patch: int
     directory: Path
-    manifest: dict
+    manifest: Manifest | None  # None until compiled
     single_graph: bool = False  # compiled with --single-graph (no frozen prefix model)
     backend: str = BACKEND_ORT_TRAINING
 
@@ -42,7 +42,7 @@ class Variant:
     @property
     def form(self) -> str:
         """What the compiler made: "two_stage", "single_graph" (asked for, or no frozen prefix to cut), "step_model"."""
-        return self.manifest.get("form", "single_graph")
+        return self.manifest.form.kind
 
 
 def resolve_input_shapes(model_path: Path, options: BenchOptions):
@@ -100,12 +100,12 @@ def run_bench(model_path: os.PathLike | str, options: BenchOptions | None = None
         variants = []
         plan = plan_variants(options, backends)
         for i, (backend, patch, single) in enumerate(plan):
-            variant = Variant(patch, workdir, {}, single, backend)
+            variant = Variant(patch, workdir, None, single, backend)
             variant.directory = workdir / variant.key
             progress(f"compiling {variant.label} ({backend}, {i + 1}/{len(plan)})")
             compile_options = CompileOptions(layers=options.layers, patch=patch, input_shapes=shapes, single_graph=single,
                                              backend=backend)
-            variant.manifest = compile_model(model_path, variant.directory, compile_options)
+            variant.manifest = Manifest.from_json(compile_model(model_path, variant.directory, compile_options))
             variants.append(variant)
         forward_path = workdir / "forward.onnx"
         ir.save(plain, str(forward_path))
@@ -154,11 +154,11 @@ def _paired(samples: dict[str, list[float]], key: str, base: str) -> float:
     return float(np.median([a / b for a, b in zip(samples[key], samples[base])]))
 
 
-def _conv_held(manifest: dict) -> dict:
+def _conv_held(manifest: Manifest) -> dict:
     """Bytes the trained convs' backward keeps from forward to backward (sum of the layer records)."""
-    trained = [layer for layer in manifest["layers"] if layer["trained"]]
-    return {"convs_held_bytes": sum(layer.get("held_bytes") or 0 for layer in trained),
-            "convs_held_bytes_exact": sum(layer.get("held_bytes_exact") or 0 for layer in trained)}
+    trained = [layer for layer in manifest.layers if layer.trained]
+    return {"convs_held_bytes": sum(layer.held_bytes or 0 for layer in trained),
+            "convs_held_bytes_exact": sum(layer.held_bytes_exact or 0 for layer in trained)}
 
 
 def _median_ms(entry: dict | None) -> float | None:
@@ -177,7 +177,7 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
         exact_steps = samples[exact.key]
         exact_profile = profiles.get(exact.key) or {}
         exact_memory = memory.get(exact.key) or {}
-        totals = v.manifest["totals"]
+        totals = v.manifest.totals
         step = stats(samples[v.key]) | {"samples_ms": [round(t * 1e3, 3) for t in samples[v.key]]}
         profile = profiles.get(v.key) or {}
         mem = memory.get(v.key) or {}
@@ -206,11 +206,11 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
             "key": v.key,
             "backend": v.backend,
             "form": v.form,
-            "single_graph_reason": v.manifest.get("single_graph_reason"),
-            "boundary": [b["name"] for b in v.manifest.get("boundary") or []],
+            "single_graph_reason": v.manifest.form.single_graph_reason,
+            "boundary": [b.name for b in v.manifest.boundary],
             "patch": v.patch,
-            "trained_layers": totals["trained_layers"],
-            "filtered_layers": totals["filtered_layers"],
+            "trained_layers": totals.trained_layers,
+            "filtered_layers": totals.filtered_layers,
             "step": step,
             "step_over_forward": step["median_ms"] / forward["median_ms"],
             "profile": profile,
@@ -223,17 +223,17 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
             "rest_ms": rest,
             "unattributed_ms": profile.get("unmatched_ms") if profile else None,
             "memory": mem or None,
-            "static": {key: totals[key] for key in ("held_bytes", "held_bytes_exact", "backward_macs", "backward_macs_exact")}
+            "static": {key: getattr(totals, key) for key in ("held_bytes", "held_bytes_exact", "backward_macs", "backward_macs_exact")}
             | _conv_held(v.manifest),
             "ratios": {  # filtered / exact
                 "step": float(np.median(paired)),
                 "step_of_medians": step["median_ms"] / stats(exact_steps)["median_ms"],
                 "trained_bwd": _ratio(bwd, _median_ms(exact_profile.get("trained_bwd"))),
                 "step_peak": _ratio(mem.get("step_peak_kib"), exact_memory.get("step_peak_kib")),
-                "held_bytes": _ratio(totals["held_bytes"], exact.manifest["totals"]["held_bytes"]),
+                "held_bytes": _ratio(totals.held_bytes, exact.manifest.totals.held_bytes),
                 "convs_held_bytes": _ratio(_conv_held(v.manifest)["convs_held_bytes"],
                                            _conv_held(exact.manifest)["convs_held_bytes"]),
-                "backward_macs": _ratio(totals["backward_macs"], exact.manifest["totals"]["backward_macs"]),
+                "backward_macs": _ratio(totals.backward_macs, exact.manifest.totals.backward_macs),
                 # two-stage / single-graph of the same patch: median of per-round ratios, and of peaks
                 "step_vs_single_graph": _paired(samples, v.key, single.key) if single else None,
                 "step_peak_vs_single_graph": _ratio(mem.get("step_peak_kib"), (memory.get(single.key) or {}).get("step_peak_kib"))
@@ -248,8 +248,8 @@ def _report(model_path: Path, options: BenchOptions, batch: int, variants: list[
     return {
         "model": str(model_path),
         "batch": batch,
-        "layers": variants[0].manifest["selection"]["rule"],
-        "trained_convs": variants[0].manifest["selection"]["trained_convs"],
+        "layers": variants[0].manifest.selection.rule,
+        "trained_convs": list(variants[0].manifest.selection.trained_convs),
         "backends": sorted({v.backend for v in variants}, key=[BACKEND_ORT_TRAINING, BACKEND_ONNX].index),
         "threads": options.threads,
         "repeats": options.repeats,

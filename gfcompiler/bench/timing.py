@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.bench.options import Progress, _silent
-from gfcompiler.manifest import BACKEND_ORT_TRAINING, FILES, manifest_backend
+from gfcompiler.manifest import BACKEND_ORT_TRAINING, FILES, Manifest
+from gfcompiler.runtime.artifacts import random_batch
 
 # ---------------------------------------------------------------------------- statistics
 
@@ -57,21 +58,9 @@ def session_options(threads: int | None, *, arena: bool = True, profile_prefix: 
     return options
 
 
-def make_batch(manifest: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A random input batch and labels that fit the manifest's input and label."""
-    rng = np.random.default_rng(seed)
-    spec = manifest["inputs"][0]
-    shape = [batch if d is None or i == 0 else d for i, d in enumerate(spec["shape"])]
-    x = rng.standard_normal(shape).astype(np.float32)
-    label = manifest["label"]
-    label_shape = [batch if d is None or i == 0 else d for i, d in enumerate(label["shape"] or [None])]
-    if (label["dtype"] or "int64").startswith("int"):
-        out_shape = manifest["outputs"][0]["shape"] or []
-        classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else 1
-        y = rng.integers(0, max(classes, 1), label_shape).astype(np.int64)
-    else:
-        y = rng.random(label_shape).astype(np.float32)
-    return x, y
+def make_batch(manifest: Manifest, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random input batch and labels that fit the manifest's input and label (dynamic dims: ``batch``)."""
+    return random_batch(manifest, batch, seed, dynamic_size=batch)
 
 
 class _Timed:
@@ -101,11 +90,11 @@ class TrainerStep:
     onnxruntime's profiler for the training sessions (`end_profiling`).
     """
 
-    def __init__(self, directory: Path, manifest: dict, batch: int, threads: int | None, *,
+    def __init__(self, directory: Path, manifest: Manifest, batch: int, threads: int | None, *,
                  memory_arena: bool = True, profile_prefix: str | None = None) -> None:
         from gfcompiler.runtime.trainer import Trainer
 
-        self.backend = manifest_backend(manifest)
+        self.backend = manifest.backend
         self.trainer = Trainer(directory, threads=threads, verify=False, memory_arena=memory_arena,
                                profile_prefix=profile_prefix)
         self.x, self.y = make_batch(manifest, batch)
@@ -147,7 +136,7 @@ class TrainingStep:
     ``last_split`` holds the prefix's and the optimizer's share of the last call, in seconds.
     """
 
-    def __init__(self, directory: Path, manifest: dict, batch: int, threads: int | None, *,
+    def __init__(self, directory: Path, manifest: Manifest, batch: int, threads: int | None, *,
                  optimizer: bool = True, arena: bool = True, profile_prefix: str | None = None) -> None:
         from gfcompiler import ort_training
         from gfcompiler.runtime.device import Device
@@ -156,7 +145,7 @@ class TrainingStep:
 
         ort = _onnxruntime()
         api = ort_training.api()
-        spinning = session_spinning(manifest.get("form") == "two_stage")  # as the Trainer's sessions
+        spinning = session_spinning(manifest.form.kind == "two_stage")  # as the Trainer's sessions
         options = session_options(threads, arena=arena, profile_prefix=profile_prefix, spinning=spinning)
         self.state = api.CheckpointState.load_checkpoint(str(directory / FILES["checkpoint"]))
         # No eval model: one session (and one profile file) per module.
@@ -165,15 +154,15 @@ class TrainingStep:
         self.optimizer = api.Optimizer(str(directory / FILES["optimizer_model"]), self.module) if optimizer else None
         self.module.train()
         self.x, y = make_batch(manifest, batch)
-        self.input_name = manifest["inputs"][0]["name"]
+        self.input_name = manifest.inputs[0].name
         self.prefix = None
-        if manifest.get("form") == "two_stage":
+        if manifest.form.kind == "two_stage":
             self.prefix = FrozenPrefix.from_manifest(directory, manifest, Device("cpu"),
                                                      session_options(threads, arena=arena, spinning=spinning))
         self.names = list(self.module.input_names())
         self.label = ort.OrtValue.ortvalue_from_numpy(y)
         self.x_value = ort.OrtValue.ortvalue_from_numpy(self.x)
-        self.label_name = manifest["label"]["name"]
+        self.label_name = manifest.label.name
         self.last_split: dict[str, float] = {}
 
     def _feeds(self) -> list:

@@ -1,11 +1,12 @@
 """Opening a compiled artifact directory and checking that it is whole and ours.
 
-`open_artifacts` reads ``manifest.json`` (schema: gfcompiler.manifest), refuses a format
-this gfcompiler does not read, checks that every file is there and still has the sha256
-the compiler recorded, and returns an `Artifacts` with the few facts the runtime uses
-(input, output and label specs, loss, learning-rate multiplier, the backend, for
-two-stage artifacts the boundary between the frozen prefix and the trained suffix, and
-for ``--backend onnx`` artifacts the step model's state tensors). Every problem is an
+`open_artifacts` reads ``manifest.json`` into a `gfcompiler.manifest.Manifest`, refuses a
+format this gfcompiler does not read, checks that every file is there and still has the
+sha256 the compiler recorded, and returns an `Artifacts`: the manifest and the few facts
+the runtime uses (input, output and label specs with known shapes, loss, learning-rate
+multiplier, the backend, for two-stage artifacts the boundary between the frozen prefix
+and the trained suffix, and for ``--backend onnx`` artifacts the step model's state
+tensors). Every problem is an
 ArtifactError with a one-line message. Nothing here imports onnxruntime.
 """
 
@@ -14,84 +15,25 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from gfcompiler import READABLE_ARTIFACT_FORMATS, __version__
 from gfcompiler.errors import ArtifactError
 from gfcompiler.manifest import (
     BACKEND_ONNX,
-    BACKEND_ORT_TRAINING,
     BACKENDS,
     FILES,
+    LOSSES,
     MANIFEST_NAME,
+    STATE_KINDS,
     STEP_FILES,
     TWO_STAGE_FILES,
-    manifest_backend,
+    Manifest,
+    StepRecord,
+    TensorRecord,
     read_manifest,
     sha256_file,
 )
-
-LOSSES = ("cross_entropy", "mse", "bce", "l1")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output: name, shape (None for a dynamic dimension), dtype name."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-
-    @classmethod
-    def from_manifest(cls, entry: dict) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) else None for d in entry.get("shape") or ())
-        return cls(str(entry["name"]), shape, str(entry.get("dtype") or "float32"))
-
-    def describe(self) -> str:
-        return "×".join("N" if d is None else str(d) for d in self.shape) + f" {self.dtype}"
-
-
-@dataclasses.dataclass(frozen=True)
-class BoundaryTensor:
-    """A tensor crossing from the prefix into the suffix; ``from_input``: the data input itself."""
-
-    name: str
-    from_input: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class StateTensor:
-    """A tensor the step model carries from step to step: input ``name``, output ``updated``.
-
-    ``kind`` is "parameter" (a trainable parameter; ``param`` is its own name) or
-    "optimizer" (a slot such as ``<param>.exp_avg`` of parameter ``param``).
-    """
-
-    name: str
-    updated: str
-    kind: str
-    param: str
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """The step model's interface (manifest key ``step``, ``--backend onnx`` only)."""
-
-    learning_rate: str
-    step: str
-    loss: str
-    output: str
-    state: tuple[StateTensor, ...]
-
-    @property
-    def parameters(self) -> tuple[StateTensor, ...]:
-        return tuple(s for s in self.state if s.kind == "parameter")
-
-    @classmethod
-    def from_manifest(cls, entry: dict) -> StepSpec:
-        state = tuple(
-            StateTensor(str(s["name"]), str(s["updated"]), str(s["kind"]), str(s.get("param") or s["name"]))
-            for s in entry["state"]
-        )
-        return cls(str(entry["learning_rate"]), str(entry["step"]), str(entry["loss"]), str(entry["output"]), state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +41,33 @@ class Artifacts:
     """A verified artifact directory."""
 
     directory: Path
-    manifest: dict
-    input: TensorSpec
-    output: TensorSpec
-    label: TensorSpec
-    loss: str
-    lr_multiplier: float
-    boundary: tuple[BoundaryTensor, ...] = ()  # empty: single-graph artifacts
-    backend: str = BACKEND_ORT_TRAINING  # or BACKEND_ONNX: one plain ONNX step model
-    step: StepSpec | None = None  # BACKEND_ONNX only
+    manifest: Manifest
+    input: TensorRecord  # shapes and dtypes known (`_spec`)
+    output: TensorRecord
+    label: TensorRecord
+
+    @property
+    def loss(self) -> str:
+        return self.manifest.loss
+
+    @property
+    def lr_multiplier(self) -> float:
+        return self.manifest.lr_multiplier
+
+    @property
+    def boundary(self) -> tuple[TensorRecord, ...]:
+        """Two-stage artifacts: the suffix's data inputs (empty: single-graph or step-model artifacts)."""
+        return self.manifest.boundary
+
+    @property
+    def backend(self) -> str:
+        """BACKEND_ORT_TRAINING or BACKEND_ONNX (one plain ONNX step model)."""
+        return self.manifest.backend
+
+    @property
+    def step(self) -> StepRecord | None:
+        """BACKEND_ONNX only: the step model's interface."""
+        return self.manifest.step
 
     @property
     def two_stage(self) -> bool:
@@ -121,7 +81,7 @@ class Artifacts:
 
     def path(self, key: str) -> Path:
         """The path of one of the files in gfcompiler.manifest.FILES (TWO_STAGE_FILES, STEP_FILES)."""
-        return self.directory / self.manifest["files"][key]
+        return self.directory / self.manifest.files[key]
 
     @property
     def fixed_batch(self) -> int | None:
@@ -133,26 +93,43 @@ class Artifacts:
         return self.input.shape[1:]
 
     @property
+    def task(self) -> str:
+        """``"classification"`` or ``"segmentation"`` (manifest ``task``; older manifests: classification)."""
+        return self.manifest.task
+
+    @property
+    def segmentation(self) -> bool:
+        """A per-pixel model: output N×C×H×W, labels N×H×W (cross-entropy) or N×1×H×W (bce)."""
+        return self.task == "segmentation"
+
+    @property
+    def ignore_index(self) -> int | None:
+        """The label of pixels a segmentation loss ignores (manifest ``ignore_index``; None: none)."""
+        return self.manifest.ignore_index if self.segmentation else None
+
+    @property
     def num_classes(self) -> int | None:
-        """Classes of a cross-entropy model (the logits' last dimension)."""
+        """Classes of a cross-entropy model: the logits' last dimension, or axis 1 of a segmentation
+        model's N×C×H×W logits."""
         if self.loss != "cross_entropy" or not self.output.shape:
             return None
+        if self.segmentation:
+            return self.output.shape[1] if len(self.output.shape) == 4 else None
         return self.output.shape[-1]
 
     @property
     def trainable_params(self) -> tuple[str, ...]:
-        return tuple(self.manifest.get("trainable_params") or ())
+        return self.manifest.trainable_params
 
     @property
     def preprocess(self) -> dict:
-        return dict(self.manifest.get("preprocess") or {})
+        return self.manifest.preprocess.to_json() if self.manifest.preprocess is not None else {}
 
     @property
     def identity(self) -> str:
         """What a training checkpoint records to refuse being loaded into other artifacts."""
-        digests = self.manifest.get("file_digests") or {}
         key = "step_model" if self.backend == BACKEND_ONNX else "training_model"
-        return str(digests.get(self.manifest["files"][key], ""))
+        return self.manifest.file_digests.get(self.manifest.files[key], "")
 
 
 def open_artifacts(directory: str | Path, *, verify: bool = True) -> Artifacts:
@@ -184,41 +161,41 @@ def _check_format(directory: Path, manifest: dict) -> None:
         )
 
 
-def _parse(directory: Path, manifest: dict) -> Artifacts:
+def _parse(directory: Path, data: dict) -> Artifacts:
     where = directory / MANIFEST_NAME
     try:
-        inputs = [TensorSpec.from_manifest(e) for e in manifest["inputs"]]
-        outputs = [TensorSpec.from_manifest(e) for e in manifest["outputs"]]
-        label = TensorSpec.from_manifest(manifest["label"])
-        loss = str(manifest["loss"])
-        lr_multiplier = float((manifest.get("optimizer") or {}).get("lr_multiplier", 1.0))
-        files = manifest["files"]
-        backend = manifest_backend(manifest)
-        form = manifest.get("form", "single_graph")
-        required = _required_files(backend, form)
-        missing_keys = [key for key in required if key not in files]
-        boundary = tuple(BoundaryTensor(str(b["name"]), bool(b.get("from_input"))) for b in manifest.get("boundary") or ())
-        step = StepSpec.from_manifest(manifest["step"]) if backend == BACKEND_ONNX else None
+        manifest = Manifest.from_json(data)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ArtifactError(f"{where} is corrupted or incomplete (bad or missing key {error})") from None
+    backend, form, boundary, step = manifest.backend, manifest.form.kind, manifest.boundary, manifest.step
     if backend not in BACKENDS:
         raise ArtifactError(f"{where} names backend {backend!r}; this runtime knows {', '.join(BACKENDS)}")
+    missing_keys = [key for key in _required_files(backend, form) if key not in manifest.files]
     if missing_keys:
         raise ArtifactError(f"{where} names no file for {', '.join(missing_keys)}")
+    if backend == BACKEND_ONNX and step is None:
+        raise ArtifactError(f"{where} is corrupted or incomplete (bad or missing key 'step')")
     forms = ("step_model",) if backend == BACKEND_ONNX else ("single_graph", "two_stage")
     if form not in forms or (form == "two_stage") != bool(boundary):
         raise ArtifactError(f"{where} is corrupted: form {form!r} with {len(boundary)} boundary tensor(s)")
     if step is not None:
         _check_step(where, step)
-    if len(inputs) != 1:
-        raise ArtifactError(f"{where} lists {len(inputs)} data inputs; the runtime trains models with exactly one")
-    if not outputs:
+    if manifest.label is None:
+        raise ArtifactError(f"{where} is corrupted or incomplete (bad or missing key 'label')")
+    if len(manifest.inputs) != 1:
+        raise ArtifactError(f"{where} lists {len(manifest.inputs)} data inputs; the runtime trains models with exactly one")
+    if not manifest.outputs:
         raise ArtifactError(f"{where} lists no model output")
-    if loss not in LOSSES:
-        raise ArtifactError(f"{where} names loss {loss!r}; this runtime knows {', '.join(LOSSES)}")
-    if any(b.from_input and b.name != inputs[0].name for b in boundary):
+    if manifest.loss not in LOSSES:
+        raise ArtifactError(f"{where} names loss {manifest.loss!r}; this runtime knows {', '.join(LOSSES)}")
+    if any(b.from_input and b.name != manifest.inputs[0].name for b in boundary):
         raise ArtifactError(f"{where} is corrupted: a boundary tensor marked from_input is not the data input")
-    return Artifacts(directory, manifest, inputs[0], outputs[0], label, loss, lr_multiplier, boundary, backend, step)
+    return Artifacts(directory, manifest, _spec(manifest.inputs[0]), _spec(manifest.outputs[0]), _spec(manifest.label))
+
+
+def _spec(record: TensorRecord) -> TensorRecord:
+    """``record`` with an unknown shape read as rank 0 and an unknown dtype as float32."""
+    return dataclasses.replace(record, shape=record.shape or (), dtype=record.dtype or "float32")
 
 
 def _required_files(backend: str, form: str) -> dict:
@@ -227,30 +204,57 @@ def _required_files(backend: str, form: str) -> dict:
     return {**FILES, **(TWO_STAGE_FILES if form == "two_stage" else {})}
 
 
-def _check_step(where: Path, step: StepSpec) -> None:
+def _check_step(where: Path, step: StepRecord) -> None:
     """The step section names each state tensor once, every one with a known kind."""
     names = [s.name for s in step.state]
     if not step.parameters:
         raise ArtifactError(f"{where} is corrupted: the step model updates no trainable parameter")
     if len(set(names)) != len(names) or len({s.updated for s in step.state}) != len(names):
         raise ArtifactError(f"{where} is corrupted: a state tensor of the step model is listed twice")
-    bad = [s.name for s in step.state if s.kind not in ("parameter", "optimizer")]
+    bad = [s.name for s in step.state if s.kind not in STATE_KINDS]
     if bad:
         raise ArtifactError(f"{where} is corrupted: state tensor {bad[0]!r} has an unknown kind")
 
 
 def _check_files(artifacts: Artifacts, verify: bool) -> None:
-    paths = [artifacts.directory / name for name in artifacts.manifest["files"].values()]
+    paths = [artifacts.directory / name for name in artifacts.manifest.files.values()]
     for path in paths:
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the artifact directory is incomplete, recompile the model")
     if not verify:
         return
-    digests = artifacts.manifest.get("file_digests") or {}
     for path in paths:
-        expected = digests.get(path.name)
+        expected = artifacts.manifest.file_digests.get(path.name)
         if expected and sha256_file(path) != expected:
             raise ArtifactError(
                 f"{path} does not match the sha256 in {MANIFEST_NAME} "
                 "(edited by hand or corrupted): recompile the model"
             )
+
+
+def random_batch(manifest: Manifest, batch: int, seed: int = 0, dynamic_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A pseudo-random batch (x, labels) shaped like ``manifest``'s data input and label.
+
+    ``x`` is standard normal; integer labels are class indices below the output's class
+    count, other labels (regression targets) uniform in [0, 1). Dynamic dimensions after
+    the batch axis take ``dynamic_size``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def sized(record: TensorRecord | None) -> list[int]:
+        shape = (record.shape if record is not None else None) or (None,)
+        return [batch] + [d if d is not None else dynamic_size for d in shape[1:]]
+
+    x = rng.standard_normal(sized(manifest.inputs[0])).astype(np.float32)
+    label = manifest.label
+    if label is not None and label.dtype is not None and not label.dtype.startswith("int"):
+        return x, rng.random(sized(label)).astype(np.float32)
+    return x, rng.integers(0, _class_count(manifest), sized(label)).astype(np.int64)
+
+
+def _class_count(manifest: Manifest) -> int:
+    """Classes the output scores: its channel axis for segmentation, else its last axis (1 when unknown)."""
+    shape = manifest.outputs[0].shape or ()
+    axis = 1 if manifest.task == "segmentation" else -1
+    classes = shape[axis] if len(shape) > max(axis, 0) else None
+    return classes if isinstance(classes, int) and classes > 0 else 1

@@ -26,7 +26,7 @@ import numpy as np
 
 from gfcompiler.errors import ArtifactError, OutputError, TrainingError
 from gfcompiler.ort_training import error_message, onnxruntime
-from gfcompiler.runtime.artifacts import Artifacts
+from gfcompiler.runtime.artifacts import Artifacts, random_batch
 from gfcompiler.runtime.losses import numpy_loss
 
 RTOL = 1e-4
@@ -86,14 +86,7 @@ def write_inference_model(trainer: ExportSource, path: Path) -> None:
 def probe_batch(trainer: ExportSource) -> tuple[np.ndarray, np.ndarray]:
     """A fixed pseudo-random batch (x, labels) shaped like the model's input and labels."""
     a = trainer.artifacts
-    rng = np.random.default_rng(0)
-    batch = a.fixed_batch or _PROBE_BATCH
-    shape = [batch] + [d if d is not None else _PROBE_SIZE for d in a.input.shape[1:]]
-    x = rng.standard_normal(shape).astype(np.float32)
-    if a.num_classes is not None:
-        return x, rng.integers(0, a.num_classes, batch).astype(np.int64)
-    label_shape = [batch] + [d if d is not None else 1 for d in a.label.shape[1:]]
-    return x, rng.random(label_shape).astype(np.float32)
+    return random_batch(a.manifest, a.fixed_batch or _PROBE_BATCH, dynamic_size=_PROBE_SIZE)
 
 
 def verify_export(trainer: ExportSource, model_path: Path) -> float:

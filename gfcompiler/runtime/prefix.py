@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, TrainingError
+from gfcompiler.manifest import Manifest
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime import device as devices
 
@@ -45,15 +46,14 @@ class FrozenPrefix:
         self._where = device.ort_device
 
     @classmethod
-    def from_manifest(cls, directory: Path, manifest: dict, device: devices.Device, options=None) -> FrozenPrefix:
-        """The prefix of the two-stage artifacts in ``directory`` (``manifest``: their manifest.json).
+    def from_manifest(cls, directory: Path, manifest: Manifest, device: devices.Device, options=None) -> FrozenPrefix:
+        """The prefix of the two-stage artifacts in ``directory`` (``manifest``: theirs).
 
         It outputs every boundary tensor but the data input itself (which the caller feeds
         to the training module directly). ``options`` are modified (optimization level).
         """
-        outputs = [b["name"] for b in manifest["boundary"] if not b.get("from_input")]
-        return cls(Path(directory) / manifest["files"]["prefix_model"], manifest["inputs"][0]["name"], outputs,
-                   device, options)
+        outputs = [b.name for b in manifest.boundary if not b.from_input]
+        return cls(Path(directory) / manifest.files["prefix_model"], manifest.inputs[0].name, outputs, device, options)
 
     def __call__(self, x: np.ndarray) -> dict:
         binding = self.session.io_binding()
