@@ -18,6 +18,7 @@ from gfcompiler import __version__, demo
 from gfcompiler.bench.cli import add_command as add_bench_command
 from gfcompiler.commandline import SELECTION_HELP, add_debug_flag, run_command
 from gfcompiler.errors import EXIT_HELP
+from gfcompiler.manifest import LOSSES
 from gfcompiler.runtime.cli import add_commands as add_runtime_commands
 
 
@@ -74,7 +75,7 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory (created; must not exist or be empty)")
     parser.add_argument("--layers", default=None, help="last N convs, 'all', or comma-separated Conv node names (default: last 4)")
     parser.add_argument("--patch", type=int, default=4, help="patch size r (2, 4, 7 in the paper); 0 = exact backward baseline (default 4)")
-    parser.add_argument("--loss", choices=["cross_entropy", "mse", "bce", "l1"], default="cross_entropy",
+    parser.add_argument("--loss", choices=LOSSES, default="cross_entropy",
                         help="cross_entropy: class indices per sample (N×C output) or per pixel (N×C×H×W output, "
                              "labels N×H×W); bce: targets shaped like the output (a binary mask for N×1×H×W); "
                              "mse, l1: targets shaped like the output")
