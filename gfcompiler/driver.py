@@ -269,10 +269,11 @@ def _layer_record(conv: ir.Node, selection: Selection, shape: ConvShape | str, g
     if not selection.is_trained(conv):
         return LayerRecord(conv.name, trained=False, backward="none (frozen)", geometry=conv_geometry)
     needs_dx = accounting.input_grad_needed.get(conv.name, True)
-    reason = None
-    if geometry is None:
-        reason = "--patch 0 (exact baseline)" if patch == 0 else shape if not known else \
-            FilterGeometry(shape, patch).unsupported_reason()
+    reason = None  # why the backward stays exact
+    if geometry is None and patch == 0:
+        reason = "--patch 0 (exact baseline)"
+    elif geometry is None:
+        reason = FilterGeometry(shape, patch).unsupported_reason() if known else shape
     exact_macs = macs = None
     if known:
         exact_macs = FilterGeometry(shape, max(patch, 1)).exact_backward_macs(accounting.batch, needs_dx)

@@ -599,11 +599,6 @@ class Manifest:
         return cls.from_json(read_manifest(directory))
 
 
-def manifest_backend(manifest: dict) -> str:
-    """The backend a manifest was compiled for; formats 1 and 2 (no ``backend`` key) are ort-training."""
-    return str(manifest.get("backend") or BACKEND_ORT_TRAINING)
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

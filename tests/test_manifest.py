@@ -17,6 +17,7 @@ import pytest
 
 from gfcompiler.cli import main
 from gfcompiler.driver import CompileOptions, compile_model
+from gfcompiler.errors import ArtifactError
 from gfcompiler.manifest import (
     FORMAT,
     Form,
@@ -143,6 +144,9 @@ def test_onnx_step_manifest_matches_the_schema(tmp_path, net):
     artifacts = open_artifacts(tmp_path / "out")
     assert artifacts.manifest == Manifest.from_json(manifest)
     assert [s.name for s in artifacts.step.parameters] == ["w2", "b2", "wf", "bf"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps({**manifest, "task": "detection"}))
+    with pytest.raises(ArtifactError, match="names task 'detection'; this runtime knows classification, segmentation"):
+        open_artifacts(tmp_path / "out")
 
 
 def _format_1() -> dict:

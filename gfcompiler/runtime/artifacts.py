@@ -27,6 +27,7 @@ from gfcompiler.manifest import (
     MANIFEST_NAME,
     STATE_KINDS,
     STEP_FILES,
+    TASKS,
     TWO_STAGE_FILES,
     Manifest,
     StepRecord,
@@ -188,6 +189,8 @@ def _parse(directory: Path, data: dict) -> Artifacts:
         raise ArtifactError(f"{where} lists no model output")
     if manifest.loss not in LOSSES:
         raise ArtifactError(f"{where} names loss {manifest.loss!r}; this runtime knows {', '.join(LOSSES)}")
+    if manifest.task not in TASKS:
+        raise ArtifactError(f"{where} names task {manifest.task!r}; this runtime knows {', '.join(TASKS)}")
     if any(b.from_input and b.name != manifest.inputs[0].name for b in boundary):
         raise ArtifactError(f"{where} is corrupted: a boundary tensor marked from_input is not the data input")
     return Artifacts(directory, manifest, _spec(manifest.inputs[0]), _spec(manifest.outputs[0]), _spec(manifest.label))
