@@ -31,7 +31,9 @@ the preceding conv (or frozen as a constant affine) and never uses batch statist
 
 DATA_HELP = (
     "a .npz with x (N×C×H×W float) and y (labels), an image folder with one sub-folder per class, "
-    "or builtin:digits / builtin:mnist (add /train or /test for a fixed 80/20 split)"
+    "or builtin:digits / builtin:mnist (add /train or /test for a fixed 80/20 split); segmentation models: "
+    "y N×H×W class indices (255 ignored), a folder with images/ and masks/ (class-index PNGs, same file stems), "
+    "or builtin:digit-scenes[/train|/test]"
 )
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when it really works, else CPU; default: auto)"
 

@@ -8,8 +8,9 @@ parameters are appended to ``export_model.onnx`` as serialized initializers
 (gfcompiler.runtime.protowire). Neither needs the onnx package.
 The model is written to a temporary file beside the target,
 loaded by a plain ``InferenceSession`` on CPU, checked to take only the data input and
-to reproduce the runtime's eval outputs on a fixed batch, and only then moved into place
-with ``os.replace``.
+to reproduce the runtime's eval outputs on a fixed batch (a segmentation model's second
+output, the class map ``classes``, to equal the argmax of its logits), and only then moved
+into place with ``os.replace``.
 
 This module sits below the Trainer (loop → trainer → export → losses): it takes any
 object with the `ExportSource` attributes, which the Trainer has.
@@ -28,6 +29,7 @@ from gfcompiler.errors import ArtifactError, OutputError, TrainingError
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts, random_batch
 from gfcompiler.runtime.losses import numpy_loss
+from gfcompiler.runtime.metrics import CLASS_MAP_OUTPUT, predicted_classes
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -111,11 +113,27 @@ def verify_export(trainer: ExportSource, model_path: Path) -> float:
         raise ArtifactError(
             f"the exported model's outputs differ from the runtime's eval outputs (max |diff| {difference:.3g})"
         )
+    if trainer.artifacts.segmentation:
+        _verify_class_map(session, x, exported)
     # Independent of how the runtime got its outputs: the eval model's own loss must follow
     # from the exported outputs.
-    exported_loss = numpy_loss(trainer.artifacts.loss, exported, labels)
+    exported_loss = numpy_loss(trainer.artifacts.loss, exported, labels, trainer.artifacts.ignore_index)
     if not np.isclose(exported_loss, eval_loss, rtol=1e-3, atol=1e-4):
         raise ArtifactError(
             f"the exported model's outputs give loss {exported_loss:.6g}, the eval model {eval_loss:.6g}"
         )
     return difference
+
+
+def _verify_class_map(session, x: np.ndarray, logits: np.ndarray) -> None:
+    """A segmentation export's ``classes`` output is the class map of its logits."""
+    names = [o.name for o in session.get_outputs()]
+    if CLASS_MAP_OUTPUT not in names:
+        raise ArtifactError(f"the exported segmentation model has no {CLASS_MAP_OUTPUT!r} output (outputs: {names})")
+    (classes,) = session.run([CLASS_MAP_OUTPUT], {session.get_inputs()[0].name: x})
+    expected = predicted_classes(logits)
+    if classes.shape != expected.shape or not np.array_equal(classes, expected):
+        raise ArtifactError(
+            f"the exported model's {CLASS_MAP_OUTPUT!r} output ({'×'.join(map(str, classes.shape))}) is not "
+            "the argmax of its logits"
+        )

@@ -26,11 +26,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from gfcompiler.errors import InputError, OutputError, TrainingError
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
 from gfcompiler.runtime.checkpoints import CheckpointRecord, RunDir, default_run_dir
 from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
 from gfcompiler.runtime.losses import class_scores
+from gfcompiler.runtime.metrics import label_classes, predicted_classes
 from gfcompiler.runtime.progress import MetricsLog, Progress, status_line
 from gfcompiler.runtime.schedule import LRSchedule
 from gfcompiler.runtime.trainer import NonFiniteLoss, Trainer
@@ -157,6 +160,7 @@ class _Run:
         self.batches = steps_per_epoch(len(train), config.batch_size, config.drop_last)
         self.schedule = LRSchedule.create(config.schedule, config.lr, config.epochs * self.batches, config.warmup_steps)
         self.classify = trainer.artifacts.loss == "cross_entropy"
+        self.segmentation = trainer.artifacts.segmentation
         self.fingerprint = train.fingerprint()
         self.checkpoint: CheckpointRecord | None = None
 
@@ -184,15 +188,15 @@ class _Run:
             "epoch": epoch + 1,
             "step": position.global_step,
             "loss": position.loss_sum / max(position.seen, 1),
-            "accuracy": position.correct / position.counted if position.counted else None,
+            ("pixel_accuracy" if self.segmentation else "accuracy"):
+                position.correct / position.counted if position.counted else None,
             "lr": lr,
             "samples_per_s": samples / max(seconds, 1e-9),
             "step_ms": 1000 * seconds / max(steps, 1),
             "seconds": time.perf_counter() - started,
         }
         if self.val is not None:
-            evaluation = self.trainer.evaluate(self.val, batch_size=max(self.config.batch_size, 256))
-            record["val_loss"], record["val_accuracy"] = evaluation["loss"], evaluation.get("accuracy")
+            record.update(self._validation())
         return Position(epoch + 1, 0, position.global_step), record
 
     def _step(self, epoch: int, batch: int, indices, position: Position, lr: float) -> Position:
@@ -205,13 +209,33 @@ class _Run:
             self.progress.close()
             raise TrainingError(_non_finite_message(error.loss, epoch, position, lr, self.checkpoint, self.run_dir)) from None
         self._last_loss = result.loss
-        correct = counted = 0
-        if self.classify and result.outputs is not None:
-            correct, counted = int((class_scores(result.outputs).argmax(axis=-1) == y).sum()), len(indices)
+        correct, counted = self._hits(result.outputs, y)
         return Position(
             epoch, batch + 1, position.global_step + 1, position.loss_sum + result.loss * len(indices),
             position.seen + len(indices), position.correct + correct, position.counted + counted,
         )
+
+    def _hits(self, outputs, y) -> tuple[int, int]:
+        """(correct, counted) predictions of a step: samples of a classifier, labelled pixels of a
+        segmentation model; (0, 0) when the step returns no outputs or the model has no classes."""
+        if outputs is None:
+            return 0, 0
+        if self.segmentation:
+            labels = label_classes(y)
+            ignore = self.trainer.artifacts.ignore_index
+            counted = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
+            return int((predicted_classes(outputs) == labels)[counted].sum()), int(counted.sum())
+        if self.classify:
+            return int((class_scores(outputs).argmax(axis=-1) == y).sum()), len(y)
+        return 0, 0
+
+    def _validation(self) -> dict:
+        """The epoch record's ``val_*`` entries."""
+        evaluation = self.trainer.evaluate(self.val, batch_size=max(self.config.batch_size, 256))
+        if self.segmentation:
+            return {"val_loss": evaluation["loss"], "val_pixel_accuracy": evaluation["pixel_accuracy"],
+                    "val_mean_iou": evaluation["mean_iou"], "val_class_iou": evaluation["class_iou"]}
+        return {"val_loss": evaluation["loss"], "val_accuracy": evaluation.get("accuracy")}
 
     def save(self, at: Position) -> None:
         if self.run_dir is not None:
@@ -237,10 +261,15 @@ def _epoch_message(record: dict, epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}"]
     if record.get("accuracy") is not None:
         parts.append(f"acc {100 * record['accuracy']:.1f}%")
+    if record.get("pixel_accuracy") is not None:
+        parts.append(f"pixel acc {100 * record['pixel_accuracy']:.1f}%")
     if "val_loss" in record:
         parts.append(f"val loss {record['val_loss']:.4f}")
         if record.get("val_accuracy") is not None:
             parts.append(f"val acc {100 * record['val_accuracy']:.1f}%")
+        if record.get("val_mean_iou") is not None:
+            parts.append(f"val pixel acc {100 * record['val_pixel_accuracy']:.1f}%, "
+                         f"val mIoU {100 * record['val_mean_iou']:.1f}%")
     parts.append(f"{record['samples_per_s']:.0f} samples/s")
     return ", ".join(parts)
 

@@ -13,13 +13,16 @@ not counted. From it:
   left out rather than counted as 0 or 1).
 
 `predicted_classes` turns logits into the class map: argmax over the channel axis of
-N×C×H×W logits, or ``logit > 0`` for a binary model's N×1×H×W output (classes {0, 1}).
-Numpy only.
+N×C×H×W logits, or ``logit > 0`` for a binary model's N×1×H×W output (classes {0, 1}),
+as the exported model's ``classes`` output (`CLASS_MAP_OUTPUT`) does. `SegmentationScores`
+is what ``Trainer.evaluate`` reports for segmentation models. Numpy only.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+CLASS_MAP_OUTPUT = "classes"  # the exported segmentation model's N×H×W int64 class map
 
 
 def predicted_classes(logits: np.ndarray) -> np.ndarray:
@@ -79,10 +82,51 @@ class ConfusionMatrix:
         return float(iou[present].mean()) if present.any() else float("nan")
 
     def summary(self) -> dict:
-        """``pixel_accuracy``, ``mean_iou``, ``class_iou`` (list, None for absent classes), ``pixels``."""
+        """``pixel_accuracy``, ``mean_iou``, ``class_iou`` (a list), ``pixels``: JSON-ready, None
+        for what is undefined (no labelled pixel; a class with a zero union)."""
         return {
-            "pixel_accuracy": self.pixel_accuracy(),
-            "mean_iou": self.mean_iou(),
-            "class_iou": [None if np.isnan(v) else float(v) for v in self.class_iou()],
+            "pixel_accuracy": _defined(self.pixel_accuracy()),
+            "mean_iou": _defined(self.mean_iou()),
+            "class_iou": [_defined(v) for v in self.class_iou()],
             "pixels": self.labelled,
         }
+
+
+class SegmentationScores:
+    """A segmentation model's evaluation, batch by batch: the loss as one mean over every
+    labelled pixel of the data (batch means weighted by their labelled pixels) and the
+    confusion matrix of the class maps.
+
+    Labels: N×H×W class indices, or a binary model's N×1×H×W 0/1 targets (class 1 where
+    the target is at least 0.5).
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None):
+        self.matrix = ConfusionMatrix(num_classes, ignore_index)
+        self.loss_sum = 0.0
+        self.samples = 0
+
+    def add(self, loss: float, logits: np.ndarray, labels: np.ndarray) -> None:
+        """One batch: its mean loss (over its labelled pixels), logits and labels."""
+        before = self.matrix.labelled
+        self.matrix.update(predicted_classes(logits), label_classes(labels))
+        self.loss_sum += float(loss) * (self.matrix.labelled - before)
+        self.samples += len(logits)
+
+    def result(self) -> dict:
+        """``loss``, ``samples`` and `ConfusionMatrix.summary`'s metrics."""
+        labelled = self.matrix.labelled
+        return {"loss": self.loss_sum / labelled if labelled else 0.0, "samples": self.samples,
+                **self.matrix.summary()}
+
+
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def label_classes(labels: np.ndarray) -> np.ndarray:
+    """N×H×W int64 class labels: as given, or a binary model's N×1×H×W targets as 0/1."""
+    labels = np.asarray(labels)
+    if labels.ndim == 4:
+        return (labels[:, 0] >= 0.5).astype(np.int64)
+    return labels.astype(np.int64)

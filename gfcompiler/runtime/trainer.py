@@ -4,7 +4,9 @@
     trainer = Trainer("out/", device="auto")
     loss = trainer.step(x, y)          # forward, backward, optimizer step
     logits = trainer.predict(x)
-    trainer.evaluate(dataset)          # {"loss", "accuracy", "samples"}
+    classes = trainer.predict_classes(x)  # N (classifiers) or N×H×W (segmentation)
+    trainer.evaluate(dataset)          # {"loss", "accuracy", "samples"}; segmentation:
+                                       # {"loss", "pixel_accuracy", "mean_iou", "class_iou", ...}
     trainer.export("finetuned.onnx")   # plain inference model, verified
 
 The training state and the sessions belong to a backend engine
@@ -33,6 +35,7 @@ from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
 from gfcompiler.runtime.engine import create_engine
 from gfcompiler.runtime.export import export_inference_model, write_inference_model
 from gfcompiler.runtime.losses import class_scores, numpy_loss
+from gfcompiler.runtime.metrics import SegmentationScores, predicted_classes
 from gfcompiler.runtime.prefix import FrozenPrefix
 
 
@@ -173,6 +176,8 @@ class Trainer:
     def _check_y(self, y, n: int) -> np.ndarray:
         y = np.asarray(y)
         spec = self.artifacts.label
+        if self.artifacts.segmentation:
+            y = self._segmentation_labels(y, spec)
         integer = spec.dtype.startswith("int")
         fits = y.ndim == len(spec.shape) and len(y) == n and all(
             w is None or g == w for g, w in zip(y.shape[1:], spec.shape[1:])
@@ -183,6 +188,21 @@ class Trainer:
                 f"for {n} samples"
             )
         return np.ascontiguousarray(y, dtype=np.int64 if integer else np.float32)
+
+    def _segmentation_labels(self, y: np.ndarray, spec) -> np.ndarray:
+        """A binary model's N×H×W masks given their channel axis; class indices checked (the
+        compiled loss is undefined for a label that is neither a class nor ignore_index)."""
+        if y.ndim == len(spec.shape) - 1:
+            y = y[:, None]
+        if self.artifacts.num_classes is not None and y.dtype.kind in "iu":
+            classes, ignore = self.artifacts.num_classes, self.artifacts.ignore_index
+            bad = ((y < 0) | (y >= classes)) & (y != ignore)
+            if bad.any():
+                raise InputError(
+                    f"a batch y has label {int(y[bad].flat[0])}; the model has {classes} classes "
+                    f"(0..{classes - 1})" + (f" and ignores {ignore}" if ignore is not None else "")
+                )
+        return y
 
     # ------------------------------------------------------------ evaluation
 
@@ -225,11 +245,40 @@ class Trainer:
         session = self._inference[1]
         return session.run([self.artifacts.output.name], {self.artifacts.input.name: self._check_x(x)})[0]
 
+    def predict_classes(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The predicted class of each sample (N, a classifier) or pixel (N×H×W, a segmentation
+        model: argmax over the channel axis, binary models logit > 0; what the exported model's
+        ``classes`` output gives)."""
+        if self.artifacts.segmentation:
+            return predicted_classes(self.predict(x, batch_size))
+        if self.artifacts.loss != "cross_entropy":
+            raise InputError(f"the model has no classes: it was compiled with the {self.artifacts.loss} loss")
+        return class_scores(self.predict(x, batch_size)).argmax(axis=-1)
+
     def evaluate(self, data, batch_size: int = 256) -> dict:
-        """Mean loss, accuracy (classification) and sample count over a Dataset or (x, y)."""
+        """Mean loss and sample count over a Dataset or (x, y), with accuracy (classification) or
+        pixel accuracy, mean IoU and per-class IoU (segmentation: gfcompiler.runtime.metrics)."""
         x, y = (data.x, data.y) if hasattr(data, "x") else data
-        size = self.fixed_batch or batch_size
+        if self.artifacts.segmentation:
+            scores = SegmentationScores(self.artifacts.num_classes or 2, self.artifacts.ignore_index)
+            for loss, outputs, labels in self._eval_batches(x, y, batch_size):
+                scores.add(loss, outputs, labels)
+            return scores.result()
         total_loss, correct, seen = 0.0, 0, 0
+        for loss, outputs, yb in self._eval_batches(x, y, batch_size):
+            count = len(yb)
+            total_loss += loss * count
+            seen += count
+            if self.artifacts.loss == "cross_entropy":
+                correct += int((class_scores(outputs).argmax(axis=-1) == yb).sum())
+        result = {"loss": total_loss / max(seen, 1), "samples": seen}
+        if self.artifacts.loss == "cross_entropy":
+            result["accuracy"] = correct / max(seen, 1)
+        return result
+
+    def _eval_batches(self, x: np.ndarray, y: np.ndarray, batch_size: int):
+        """(mean loss, outputs, labels) of each evaluation batch, without a fixed-batch model's padding."""
+        size = self.fixed_batch or batch_size
         for start in range(0, len(x), size):
             xb, yb = x[start : start + size], y[start : start + size]
             count = len(xb)
@@ -237,15 +286,8 @@ class Trainer:
                 xb, yb = _pad(xb, size), _pad(yb, size)
             loss, outputs = self.eval_batch(xb, yb)
             if count < len(xb):  # padded: the model's mean loss would include the padding
-                loss = numpy_loss(self.artifacts.loss, outputs[:count], yb[:count])
-            total_loss += loss * count
-            seen += count
-            if self.artifacts.loss == "cross_entropy":
-                correct += int((class_scores(outputs[:count]).argmax(axis=-1) == yb[:count]).sum())
-        result = {"loss": total_loss / max(seen, 1), "samples": seen}
-        if self.artifacts.loss == "cross_entropy":
-            result["accuracy"] = correct / max(seen, 1)
-        return result
+                loss = numpy_loss(self.artifacts.loss, outputs[:count], yb[:count], self.artifacts.ignore_index)
+            yield loss, outputs[:count], yb[:count]
 
     @property
     def fixed_batch(self) -> int | None:
