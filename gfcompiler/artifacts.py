@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
 from gfcompiler import ort_training
 from gfcompiler.errors import UnsupportedModelError
@@ -153,16 +154,24 @@ def _gradient_failure(log: str, error: Exception) -> UnsupportedModelError:
     return UnsupportedModelError(f"onnxruntime-training could not build the training graph: {first[:300]}")
 
 
-def generate(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer: OptimizerSpec, directory: Path) -> None:
-    """Write training, eval and optimizer models and the checkpoint into ``directory``."""
+def generate(model: ir.Model, trainable: list[str], loss: str, optimizer: OptimizerSpec, directory: Path) -> None:
+    """Write training, eval and optimizer models and the checkpoint into ``directory``.
+
+    The training and eval models keep ``model``'s IR version (onnxblock copies the base
+    model); the optimizer model is built from scratch with onnx's newest, so it alone is
+    rewritten here (`cap_ir_version`). The eval model is final; the caller loads the
+    training model to rewrite it and saves it with `save_model`.
+    """
     artifacts = ort_training.artifacts()
+    proto = ir.to_proto(model)  # onnxruntime-training takes a ModelProto
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     with captured_native_stderr() as log:
         try:
             artifacts.generate_artifacts(
-                model,
+                proto,
                 requires_grad=list(trainable),
                 # The model outputs (logits) stay visible next to the loss, for accuracy.
-                additional_output_names=[output.name for output in model.graph.output],
+                additional_output_names=[output.name for output in proto.graph.output],
                 frozen_params=[],
                 loss=loss_type(loss),
                 optimizer=optimizer_block(optimizer),
@@ -173,8 +182,7 @@ def generate(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer:
             error = caught
     if error is not None:
         raise _gradient_failure(log[0] if log else "", error) from None
-    for key in ("training_model", "eval_model", "optimizer_model"):
-        cap_ir_version(directory / FILES[key])
+    cap_ir_version(directory / FILES["optimizer_model"])
 
 
 def cap_ir_version(path: Path) -> None:
@@ -183,3 +191,9 @@ def cap_ir_version(path: Path) -> None:
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
         onnx.save(proto, os.fspath(path))
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Write ``model`` once, with IR version <= MAX_IR_VERSION (ORT 1.19 refuses newer)."""
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    ir.save(model, os.fspath(path))

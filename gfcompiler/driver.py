@@ -24,11 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 import gfcompiler
-from gfcompiler import artifacts, loading, memory, outdir, split
+from gfcompiler import artifacts, memory, outdir, split
 from gfcompiler.emit import nodes_of_layer
 from gfcompiler.errors import InputError
 from gfcompiler.geometry import ConvShape, FilterGeometry
@@ -94,7 +93,7 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
     progress("canonicalizing (constants, Dropout/Identity, BatchNorm folding)")
     for canonical_pass in canonicalization_passes():
         canonical_pass(model)
-    model = infer_shapes(model)
+    infer_shapes(model)
     strip_softmax_for_loss(model, options.loss, options.keep_softmax, progress)  # result in model.meta
     _require_spatial_sizes(model)
     measure_unknown_conv_inputs(model)
@@ -159,7 +158,7 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
         return _compile_step_model(model_path, output_dir, model, selection, shapes, geometries, options, progress)
     form = _Form.choose(model, selection, options)
     with outdir.staging_directory(output_dir, force=options.force) as staging:
-        training_source = ir.to_proto(model)
+        training_source = model
         if form.split is not None:
             progress(f"splitting: {form.split.prefix_nodes} frozen nodes into the prefix model, "
                      f"{form.split.suffix_nodes} in the trained suffix, {len(form.split.boundary)} tensor(s) cross")
@@ -196,10 +195,8 @@ class _Form:
         return cls(None, reason) if reason else cls(split.split_model(model, selection), None)
 
     def write_stage_models(self, model: ir.Model, selection: Selection, staging: Path) -> None:
-        onnx.save(self.split.prefix, os.fspath(staging / TWO_STAGE_FILES["prefix_model"]))
-        onnx.save(split.export_model(model, selection.trainable_params), os.fspath(staging / TWO_STAGE_FILES["export_model"]))
-        for key in TWO_STAGE_FILES:
-            artifacts.cap_ir_version(staging / TWO_STAGE_FILES[key])
+        artifacts.save_model(self.split.prefix, staging / TWO_STAGE_FILES["prefix_model"])
+        artifacts.save_model(split.export_model(model, selection.trainable_params), staging / TWO_STAGE_FILES["export_model"])
 
     def to_manifest(self) -> Form:
         if self.split is None:
@@ -246,14 +243,14 @@ def _rewrite_training_model(path: Path, geometries: dict[str, FilterGeometry], m
     exact = memory.held_for_backward(training.graph, {name: {node} for name, node in conv_grads.items()}, batch, shapes,
                                      boundary)
     if not geometries:
-        ir.save(training, os.fspath(path))
+        artifacts.save_model(training, path)
         return _Accounting(batch, exact, exact, input_grad_needed)
     rewritten = GradientFilterPass(geometries, force_forward_pooling=options.force_forward_pooling)(training).rewritten
     layer_nodes = {name: {node} for name, node in conv_grads.items() if name not in rewritten}
     # A layer's summary nodes count too: without the forward dependency they run lazily, in the backward.
     layer_nodes.update({name: set(nodes_of_layer(training.graph, name)) for name in rewritten})
     emitted = memory.held_for_backward(training.graph, layer_nodes, batch, shapes, boundary)
-    ir.save(training, os.fspath(path))
+    artifacts.save_model(training, path)
     return _Accounting(batch, exact, emitted, input_grad_needed)
 
 
@@ -363,8 +360,7 @@ def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, sel
             "export_model": step_model.build_export_model(model, trainable),
         }
         for key, built_model in models.items():
-            built_model.ir_version = min(built_model.ir_version, loading.MAX_IR_VERSION)
-            ir.save(built_model, os.fspath(staging / files[key]))
+            artifacts.save_model(built_model, staging / files[key])
         np.savez(staging / files["state"], **built.initial_state)
         progress("checking the step and eval models load in onnxruntime")
         outdir.check_models_loadable(staging, [files["step_model"], files["eval_model"]])

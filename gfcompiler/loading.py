@@ -195,28 +195,50 @@ def _with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
     return probe
 
 
-def infer_shapes(model: ir.Model) -> ir.Model:
-    """Run onnx shape inference with data propagation; keep the batch dynamic.
+def _inferred_types(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every value's type after shape inference, by name (value_info, then graph outputs; subgraphs too)."""
+    types: dict[str, onnx.ValueInfoProto] = {}
+    pending = [_inferred_proto(proto).graph]
+    while pending:
+        graph = pending.pop()
+        types.update({info.name: info for info in graph.value_info})
+        types.update({info.name: info for info in graph.output})
+        for node in graph.node:
+            for attribute in node.attribute:
+                pending.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    return types
+
+
+def _lost_non_batch_dims(value: ir.Value) -> bool:
+    """An activation whose batch dimension is symbolic and some other dimension unknown."""
+    shape = value.shape
+    return (shape is not None and len(shape) >= 2 and not isinstance(shape[0], int)
+            and not all(isinstance(d, int) for d in shape[1:]))
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Annotate every node output with onnx shape inference (data propagation on); keep the batch dynamic.
 
     Shape arithmetic with a symbolic batch (a channel shuffle's ``Reshape`` built from
-    ``Shape``/``Gather``/``Concat``) loses every dimension. A second inference with the
-    batch fixed to 1 recovers the non-batch dimensions, which are copied into values
-    whose own inference left them unknown.
+    ``Shape``/``Gather``/``Concat``) loses every dimension. When that happens, a second
+    inference with the batch fixed to 1 recovers the non-batch dimensions, which are
+    copied into the values whose own inference left them unknown. The model is
+    annotated in place: only the inference itself runs on a protobuf copy.
     """
     proto = ir.serde.serialize_model(model)
-    inferred = ir.serde.deserialize_model(_inferred_proto(proto))
-    probe = ir.serde.deserialize_model(_inferred_proto(_with_batch_one(proto)))
-    probe_shapes = {value.name: value.shape for node in probe.graph for value in node.outputs if value.shape is not None}
-    for node in inferred.graph:
+    inferred = _inferred_types(proto)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for value in node.outputs:
-            known, shape = probe_shapes.get(value.name), value.shape
-            # Only activations: same rank, a symbolic leading (batch) dim, some other dim unknown.
-            if known is None or shape is None or len(shape) != len(known) or len(shape) < 2:
-                continue
-            if isinstance(shape[0], int) or all(isinstance(d, int) for d in shape[1:]):
-                continue
-            value.shape = ir.Shape([shape[0], *known[1:]])
-    return inferred
+            if value.name in inferred:
+                ir.serde.deserialize_value_info_proto(inferred[value.name], value)
+    lost = [value for node in model.graph for value in node.outputs if _lost_non_batch_dims(value)]
+    if not lost:
+        return
+    probe = _inferred_types(_with_batch_one(proto))
+    for value in lost:
+        known = ir.serde.deserialize_type_proto_for_shape(probe[value.name].type) if value.name in probe else None
+        if known is not None and len(known) == len(value.shape):
+            value.shape = ir.Shape([value.shape[0], *known[1:]])
 
 
 def measure_unknown_conv_inputs(model: ir.Model) -> None:

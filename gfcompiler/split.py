@@ -24,16 +24,15 @@ parameters as graph inputs. onnxruntime-training's ``export_model_for_inferencin
 fills those inputs with the trained values, so the runtime recombines prefix and
 suffix into one inference model without the onnx package.
 
-The graphs are cut with `onnx.utils.Extractor` (reachability from the requested
-outputs back to the requested inputs) on the canonical, shape-inferred model.
+The graphs are cut with ``onnx_ir.convenience.extract`` (reachability from the
+requested outputs back to the requested inputs) on the canonical, shape-inferred
+model; every piece is a new `onnx_ir.Model`, the compiled model is left as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import onnx
-import onnx.utils
 import onnx_ir as ir
 
 from gfcompiler.loading import data_inputs
@@ -47,10 +46,10 @@ BoundaryTensor = TensorRecord
 
 @dataclasses.dataclass
 class Split:
-    """The pieces of a two-stage compilation, as protos ready to save or hand to onnxruntime-training."""
+    """The pieces of a two-stage compilation, as models ready to save or hand to onnxruntime-training."""
 
-    prefix: onnx.ModelProto
-    suffix: onnx.ModelProto
+    prefix: ir.Model
+    suffix: ir.Model
     boundary: list[BoundaryTensor]
     prefix_nodes: int
     suffix_nodes: int
@@ -95,37 +94,37 @@ def split_model(model: ir.Model, selection: Selection) -> Split:
     crossing = boundary_values(model.graph, region)
     inputs = set(data_inputs(model))
     boundary = [_boundary_tensor(value, value in inputs) for value in crossing]
-    proto = ir.to_proto(model)
-    extractor = onnx.utils.Extractor(proto)
-    input_names = [value.name for value in data_inputs(model)]
-    prefix = extractor.extract_model(input_names, [b.name for b in boundary if not b.from_input])
-    outputs = [value.name for value in model.graph.outputs if value.producer() in region]
-    suffix = extractor.extract_model([b.name for b in boundary], outputs)
-    for piece, name in ((prefix, "prefix"), (suffix, "suffix")):
-        piece.graph.name = f"{model.graph.name or 'model'}_{name}"
-        piece.ir_version = proto.ir_version
-        piece.producer_name = proto.producer_name
-    return Split(prefix, suffix, boundary, len(prefix.graph.node), len(suffix.graph.node))
+    prefix = _piece(model, "prefix", data_inputs(model), [value for value in crossing if value not in inputs])
+    outputs = [value for value in model.graph.outputs if value.producer() in region]
+    suffix = _piece(model, "suffix", crossing, outputs)
+    return Split(prefix, suffix, boundary, len(prefix.graph), len(suffix.graph))
 
 
-def export_model(model: ir.Model, trainable_params: list[str]) -> onnx.ModelProto:
+def _piece(model: ir.Model, name: str, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Model:
+    """The nodes of ``model`` between ``inputs`` and ``outputs``, as a new model (initializers in the model's order)."""
+    graph = ir.convenience.extract(model.graph, inputs, outputs)
+    used = dict(graph.initializers)
+    graph.initializers.clear()
+    for initializer in model.graph.initializers:  # extract lists them in set order
+        if initializer in used:
+            graph.register_initializer(used[initializer])
+    graph.name = f"{model.graph.name or 'model'}_{name}"
+    return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name)
+
+
+def export_model(model: ir.Model, trainable_params: list[str]) -> ir.Model:
     """The whole forward graph with ``trainable_params`` turned from initializers into graph inputs.
 
     onnxruntime-training's Module takes it as an eval model (its parameter inputs are
     bound to the checkpoint's values) and ``export_model_for_inferencing`` writes it back
     with the trained values as initializers.
     """
-    proto = ir.to_proto(model)
-    graph = proto.graph
-    kept, params = [], []
-    wanted = set(trainable_params)
-    for tensor in graph.initializer:
-        (params if tensor.name in wanted else kept).append(tensor)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    for tensor in sorted(params, key=lambda t: trainable_params.index(t.name)):
-        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    return proto
+    export = model.clone()
+    for name in trainable_params:
+        value = export.graph.initializers.pop(name)
+        value.const_value = None
+        export.graph.inputs.append(value)
+    return export
 
 
 def _boundary_tensor(value: ir.Value, from_input: bool) -> BoundaryTensor:

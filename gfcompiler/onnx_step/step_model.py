@@ -90,7 +90,7 @@ class StepModel:
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
+    return model.clone()  # new nodes and values; the (read-only) tensors are shared
 
 
 def _parameters_to_inputs(graph: ir.Graph, names: list[str]) -> tuple[dict[str, ir.Value], dict[str, np.ndarray]]:
