@@ -29,7 +29,7 @@ import onnx_ir as ir
 import gfcompiler
 from gfcompiler import artifacts, memory, outdir, split
 from gfcompiler.emit import nodes_of_layer
-from gfcompiler.errors import InputError
+from gfcompiler.errors import InputError, UnsupportedModelError
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.layers import conv_shape
 from gfcompiler.loading import InputShape, data_inputs, infer_shapes, load_model, measure_unknown_conv_inputs
@@ -53,6 +53,7 @@ from gfcompiler.manifest import (
     sha256_file,
     write_manifest,
 )
+from gfcompiler.onnx_step.losses import LossForm, loss_form
 from gfcompiler.passes.canonicalize import canonicalization_passes
 from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_of, is_conv_grad
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
@@ -80,6 +81,7 @@ class CompileOptions:
     single_graph: bool = False  # True: no frozen prefix model, the whole forward in the training graph
     backend: str = "onnx"  # standard-ONNX step model for stock onnxruntime; or "ort-training" (onnxruntime-training 1.19.2)
     gradient_outputs: bool = False  # onnx backend: the step model also outputs <param>.grad (verification)
+    ignore_index: int | None = None  # per-pixel cross_entropy: the label value ignored (None: 255)
 
 
 def _silent(_: str) -> None:
@@ -139,6 +141,23 @@ def _check_patch(patch: int, selection: Selection, shapes: dict[str, ConvShape |
         raise InputError(f"--patch {patch} is larger than every trained layer's output map (largest side {max(sizes)})")
 
 
+def _loss_form(model: ir.Model, options: CompileOptions) -> LossForm:
+    """How ``options.loss`` applies to the model output (per sample or per pixel; `losses.loss_form`)."""
+    return loss_form(options.loss, model.graph.outputs[0], options.ignore_index)
+
+
+def _choose_loss_form(model: ir.Model, options: CompileOptions, progress: Progress) -> LossForm:
+    """The loss form, said in a progress line; per-pixel losses are built by the onnx backend only."""
+    form = _loss_form(model, options)
+    progress(f"loss: {form.description}")
+    if form.segmentation and options.backend == "ort-training":
+        raise UnsupportedModelError(
+            f"--backend ort-training cannot train a segmentation output ({form.description}): onnxruntime-training's "
+            "loss blocks take the classes on the last axis with no ignore_index, and it has no CPU kernel for "
+            "ResizeGrad (the upsampling of segmentation heads); use --backend onnx (the default)")
+    return form
+
+
 def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, options: CompileOptions | None = None,
                   progress: Progress = _silent) -> dict:
     """Compile ``model_path`` into artifacts at ``output_dir``; returns the manifest.
@@ -154,6 +173,7 @@ def compile_model(model_path: os.PathLike | str, output_dir: os.PathLike | str, 
     model, selection = prepare_model(model_path, options, progress)
     shapes, geometries = _layer_geometries(selection, options.patch)
     _check_patch(options.patch, selection, shapes)
+    _choose_loss_form(model, options, progress)
     if options.backend == "onnx":
         return _compile_step_model(model_path, output_dir, model, selection, shapes, geometries, options, progress)
     form = _Form.choose(model, selection, options)
@@ -295,6 +315,7 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
     eval_inputs = outdir.session_io(staging / files["eval_model"])
     data_names = {value.name for value in data_inputs(model)} | {tensor.name for tensor in form.boundary}
     label = [io for io in eval_inputs["inputs"] if io.name not in data_names and io.name not in selection.trainable_params]
+    loss = _loss_form(model, options)
     return Manifest(
         format=gfcompiler.ARTIFACT_FORMAT,
         backend=options.backend,
@@ -307,6 +328,9 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
         outputs=tuple(_io_record(value) for value in model.graph.outputs),
         label=label[0] if label else None,
         loss=options.loss,
+        task=loss.task or "classification",
+        ignore_index=loss.ignore_index,
+        loss_form=loss.description,
         optimizer=options.optimizer.to_manifest(options.backend),
         patch=options.patch,
         selection=SelectionRecord(selection.rule, tuple(c.name for c in selection.trained_convs)),
@@ -346,18 +370,20 @@ def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, sel
         progress(f"building the training step in standard ONNX ({selection.rule}; {len(trainable)} trainable tensors)")
         built = step_model.build_step_model(model, selection, geometries, options.loss, options.optimizer,
                                             force_forward_pooling=options.force_forward_pooling,
-                                            gradient_outputs=options.gradient_outputs)
+                                            gradient_outputs=options.gradient_outputs,
+                                            ignore_index=options.ignore_index)
         batch, known = _accounting_batch(model), _known_shapes(model)
         emitted = memory.held_for_backward(built.model.graph, built.layer_nodes, batch, known)
         exact = emitted
         if geometries:  # the same step with every conv's exact backward, for the held-bytes comparison
-            exact_step = step_model.build_step_model(model, selection, {}, options.loss, options.optimizer)
+            exact_step = step_model.build_step_model(model, selection, {}, options.loss, options.optimizer,
+                                                     ignore_index=options.ignore_index)
             exact = memory.held_for_backward(exact_step.model.graph, exact_step.layer_nodes, batch, known)
         files = STEP_FILES
         models = {
             "step_model": built.model,
-            "eval_model": step_model.build_eval_model(model, trainable, options.loss),
-            "export_model": step_model.build_export_model(model, trainable),
+            "eval_model": step_model.build_eval_model(model, trainable, options.loss, options.ignore_index),
+            "export_model": step_model.build_export_model(model, trainable, options.loss),
         }
         for key, built_model in models.items():
             artifacts.save_model(built_model, staging / files[key])

@@ -76,6 +76,7 @@ def render_summary(manifest: Manifest | dict) -> str:
         "",
         f"selection: {manifest.selection.rule}; {len(manifest.trainable_params)} trainable tensors; "
         f"patch {patch}{' (exact backward)' if patch == 0 else ''}",
+        _loss_line(manifest),
         f"filtered {totals.filtered_layers} of {totals.trained_layers} trained convs; "
         f"trained-conv backward MACs (batch {batch}): {_mmacs(exact_macs)}M exact -> {_mmacs(macs)}M ({ratio})",
         f"held from forward to backward, batch {batch}: trained convs' backward "
@@ -85,6 +86,14 @@ def render_summary(manifest: Manifest | dict) -> str:
     ]
     lines += [f"note: {note}" for note in manifest.notes]
     return "\n".join(lines)
+
+
+def _loss_line(manifest: Manifest) -> str:
+    """The loss as compiled (older manifests name only its kind) and the label input it takes."""
+    line = f"loss: {manifest.loss_form or manifest.loss}"
+    if manifest.label is not None:
+        line += f"; label input {manifest.label.name!r}: {_shape(manifest.label.shape)} {manifest.label.dtype}"
+    return line
 
 
 def _form_line(manifest: Manifest) -> str:

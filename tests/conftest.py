@@ -41,6 +41,22 @@ def torchvision_model():
 
 
 @pytest.fixture(scope="session")
+def torchvision_segmentation():
+    """Factory: ``torchvision_segmentation("deeplabv3_mobilenet_v3_large", size=64, num_classes=4, batch=2)``.
+
+    Returns ``(onnx path, torch module)``: :func:`models.torchvision_segmentation_onnx`'s
+    cached export and the module it exports (:func:`models.torchvision_segmentation_module`).
+    Mark tests using it ``@pytest.mark.slow``.
+    """
+
+    def make(arch, *, size=64, num_classes=4, batch=2):
+        path = available(models.torchvision_segmentation_onnx, arch, size=size, num_classes=num_classes, batch=batch)
+        return path, available(models.torchvision_segmentation_module, arch, size=size, num_classes=num_classes)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def small_cnn():
     """Factory: ``small_cnn("residual", keep_bn=True, batch=None, ...) -> Path`` (fast)."""
     return lambda name="plain", **options: available(models.small_cnn_onnx, name, **options)

@@ -36,6 +36,9 @@ __all__ = [
     "TORCHVISION_ARCHS",
     "torchvision_module",
     "torchvision_onnx",
+    "SEGMENTATION_ARCHS",
+    "torchvision_segmentation_module",
+    "torchvision_segmentation_onnx",
     "SMALL_CNNS",
     "small_cnn_module",
     "small_cnn_onnx",
@@ -387,6 +390,57 @@ def torchvision_onnx(
         keep_bn=keep_bn,
         opset=opset,
         external_data=external_data,
+    )
+
+
+SEGMENTATION_ARCHS = ("deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50")
+
+
+def torchvision_segmentation_module(arch: str, *, size: int = 64, num_classes: int = 4):
+    """A seeded torchvision segmentation model (random weights, calibrated BatchNorm, eval mode) returning ``["out"]``.
+
+    ``weights=None, weights_backbone=None`` (nothing is downloaded), no auxiliary head.
+    The module's output is the N×num_classes×size×size logits tensor (torchvision's
+    models return a dict); this is exactly what :func:`torchvision_segmentation_onnx` exports.
+    """
+    if arch not in SEGMENTATION_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {SEGMENTATION_ARCHS}")
+    torch = _import_torch()
+    _torchvision_models()
+    import torchvision.models.segmentation as segmentation
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)["out"]
+
+    torch.manual_seed(0)
+    model = LogitsOnly(getattr(segmentation, arch)(weights=None, weights_backbone=None, num_classes=num_classes))
+    _calibrate_batchnorm(model, (4, 3, size, size), seed=1, uniform=False)
+    return model.eval()
+
+
+def torchvision_segmentation_onnx(arch: str, *, size: int = 64, num_classes: int = 4, batch: int | None = 2) -> Path:
+    """Export a torchvision segmentation architecture (random weights) to ONNX, cached.
+
+    Input ``input`` (batch×3×size×size), output ``logits`` (batch×num_classes×size×size);
+    legacy exporter, opset 17, BatchNorm folded into the convs by its constant folding.
+    """
+    if arch not in SEGMENTATION_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {SEGMENTATION_ARCHS}")
+    return _cached_export(
+        "torchvision-segmentation",
+        f"{arch}-s{size}-c{num_classes}",
+        lambda: torchvision_segmentation_module(arch, size=size, num_classes=num_classes),
+        (3, size, size),
+        exporter="legacy",
+        batch=batch,
+        keep_bn=False,
+        opset=None,
+        external_data=False,
     )
 
 

@@ -18,7 +18,8 @@ From the canonical forward model and its layer selection (`gfcompiler.selection`
   would run functionally, with fresh output buffers).
 * **eval model** — forward and loss, the trainable parameters as inputs.
 * **export model** — the forward with the trainable parameters removed; the runtime
-  appends the trained values as initializers (`gfcompiler.runtime`).
+  appends the trained values as initializers (`gfcompiler.runtime`). A segmentation
+  model's export model also outputs ``classes``, the per-pixel class map.
 
 Filtered convs compute their forward summaries (``X_sum``, ``W_sum``) next to the
 conv, and the conv's bias gains a zero-valued data dependency on ``X_sum`` (as in
@@ -41,7 +42,7 @@ from gfcompiler.emit import Emitter, insert_before
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.onnx_step import autodiff, conv_rules, optimizers
 from gfcompiler.onnx_step.grad_rules import RULES
-from gfcompiler.onnx_step.losses import build_loss
+from gfcompiler.onnx_step.losses import CLASS_MAP_OUTPUT, build_class_map, build_loss, loss_form
 from gfcompiler.passes import filter_ops
 from gfcompiler.passes.gradient_filter import add_forward_dependency
 from gfcompiler.selection import Selection
@@ -126,23 +127,37 @@ def _model_output(model: ir.Model) -> ir.Value:
     return model.graph.outputs[0]
 
 
-def build_export_model(model: ir.Model, trainable: list[str]) -> ir.Model:
-    """The forward with ``trainable`` initializers removed (the runtime appends trained values)."""
+def build_export_model(model: ir.Model, trainable: list[str], loss: str | None = None) -> ir.Model:
+    """The forward with ``trainable`` initializers removed (the runtime appends trained values).
+
+    When ``loss`` trains a segmentation model (`losses.loss_form`), a second output
+    ``classes`` (`losses.CLASS_MAP_OUTPUT`) follows the logits: the per-pixel class map,
+    N×H×W int64.
+    """
     export = _copy(model)
-    _keep_outputs(export, [_model_output(export)])
+    outputs = [_model_output(export)]
+    form = loss_form(loss, outputs[0]) if loss is not None else None
+    if form is not None and form.segmentation:
+        tape = ir.tape.Tape()
+        classes = build_class_map(Emitter(tape, "class_map", _graph_names(export.graph)), form, outputs[0])
+        _append(export.graph, tape)
+        classes.name = CLASS_MAP_OUTPUT
+        outputs.append(classes)
+    _keep_outputs(export, outputs)
     for name in trainable:
         export.graph.initializers.pop(name)
     return export
 
 
-def build_eval_model(model: ir.Model, trainable: list[str], loss: str) -> ir.Model:
-    """Forward and loss; inputs: data, the trainable parameters, the labels."""
+def build_eval_model(model: ir.Model, trainable: list[str], loss: str, ignore_index: int | None = None) -> ir.Model:
+    """Forward and loss; inputs: data, the trainable parameters, the labels (``ignore_index``: `losses.build_loss`)."""
     evaluation = _copy(model)
     graph = evaluation.graph
     output = _model_output(evaluation)
     _parameters_to_inputs(graph, trainable)
     tape = ir.tape.Tape()
-    built = build_loss(Emitter(tape, "loss", _graph_names(graph), phase="forward"), loss, output, with_gradient=False)
+    built = build_loss(Emitter(tape, "loss", _graph_names(graph), phase="forward"), loss, output, with_gradient=False,
+                       ignore_index=ignore_index)
     _append(graph, tape)
     graph.inputs.append(built.label)
     built.loss.name = "loss"
@@ -158,11 +173,12 @@ def _append(graph: ir.Graph, tape: ir.tape.Tape) -> None:
 
 def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str, FilterGeometry], loss: str,
                      optimizer: OptimizerSpec, *, force_forward_pooling: bool = True,
-                     gradient_outputs: bool = False) -> StepModel:
+                     gradient_outputs: bool = False, ignore_index: int | None = None) -> StepModel:
     """The step model of the module docstring for ``selection``; ``geometries``: the filtered convs.
 
     ``gradient_outputs`` adds each parameter's gradient as an output ``<param>.grad``
-    (for verification; the runtime does not read them).
+    (for verification; the runtime does not read them). ``ignore_index``: per-pixel
+    cross_entropy's unlabelled class (`losses.build_loss`; None: 255).
     """
     step = _copy(model)
     graph = step.graph
@@ -185,7 +201,8 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
         summaries[name] = (x_sum, w_sum, insert_before(graph, summary.tape, conv))
 
     tape = ir.tape.Tape()
-    loss_graph = build_loss(Emitter(tape, "loss", names, phase="forward"), loss, output, with_gradient=True)
+    loss_graph = build_loss(Emitter(tape, "loss", names, phase="forward"), loss, output, with_gradient=True,
+                           ignore_index=ignore_index)
     backward = Emitter(tape, "", names, phase="backward")
     overrides = {convs[name]: conv_rules.filtered_conv_rule(x_sum, w_sum, geometries[name])
                  for name, (x_sum, w_sum, _) in summaries.items()}
