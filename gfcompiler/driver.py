@@ -330,7 +330,7 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
         loss=options.loss,
         task=loss.task or "classification",
         ignore_index=loss.ignore_index,
-        loss_form=loss.description,
+        loss_form=loss.description if loss.segmentation else None,  # classifier manifests stay as they were
         optimizer=options.optimizer.to_manifest(options.backend),
         patch=options.patch,
         selection=SelectionRecord(selection.rule, tuple(c.name for c in selection.trained_convs)),
