@@ -1,4 +1,7 @@
-"""Adding constants to a graph: the one helper every pass uses for new initializers."""
+"""Named initializers that stand for a model's own values: folded weights, frozen constants, untied copies.
+
+Nodes a pass emits, and their helper constants, go through `gfcompiler.emit.Emitter` instead.
+"""
 
 from __future__ import annotations
 

@@ -11,9 +11,8 @@ values into the graph it is rewriting (onnxruntime-training's gradient graph in
 `gradient_filter`, the step model of `gfcompiler.onnx_step`). A person reading the graph
 in Netron sees ``<layer>/gf/dY_avg`` etc.
 
-Formulation: each op was chosen as the fastest of the forms timed in onnxruntime's CPU
-kernels (the measurements are in benchmarks/README.md, "Formulation choices of the
-filtered backward"):
+Formulation, each choice with its reason (the times that decided them, onnxruntime's CPU
+kernels, are in benchmarks/README.md, "Formulation choices of the filtered backward"):
 
 * Sum pooling of X is ``AveragePool(count_include_pad=1) · qh·qw``; windows wholly in
   the padding are zero cells padded onto the small X_sum, because onnxruntime's

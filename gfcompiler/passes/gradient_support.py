@@ -67,7 +67,9 @@ def _softplus(b: Emitter, node: ir.Node) -> ir.Value:
     x = node.inputs[0]
     positive, x_pos, x_neg = _split_at_zero(b, x)
     one = _constant(b, "one", 1.0)
-    upper = b.op("Add", [x_pos, b.op("Log", [b.op("Add", [one, b.op("Exp", [b.op("Neg", [x_pos], "minus_x_pos")], "exp_minus_x_pos")], "one_plus_exp_minus")], "log_upper")], "upper")
+    exp_minus = b.op("Exp", [b.op("Neg", [x_pos], "minus_x_pos")], "exp_minus_x_pos")
+    log_upper = b.op("Log", [b.op("Add", [one, exp_minus], "one_plus_exp_minus")], "log_upper")
+    upper = b.op("Add", [x_pos, log_upper], "upper")
     lower = b.op("Log", [b.op("Add", [one, b.op("Exp", [x_neg], "exp_x_neg")], "one_plus_exp")], "lower")
     return b.op("Where", [positive, upper, lower], "softplus")
 
