@@ -60,11 +60,17 @@ def _labels(rng, shape, classes: int, ignore_index: int = 255, ignored: float = 
     return labels
 
 
-def _torch_loss(model: nn.Module, x: np.ndarray, labels: np.ndarray, loss: str, ignore_index: int) -> float:
-    """torch's per-pixel loss of ``model`` (float64) on the batch, back-propagated (gradients in ``.grad``)."""
+def _torch_loss(model: nn.Module, trained: list[nn.Parameter], x: np.ndarray, labels: np.ndarray, loss: str,
+                ignore_index: int) -> float:
+    """torch's per-pixel loss of ``model`` (float64) on the batch, back-propagated to ``trained`` (their ``.grad``).
+
+    The other parameters are frozen, so autograd stops at the first trained conv, as the step model does.
+    """
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(False)
         p.grad = None
+    for p in trained:
+        p.requires_grad_(True)
     logits = model(torch.from_numpy(x).to(torch.float64))
     if loss == "bce":
         value = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels).to(torch.float64))
@@ -108,7 +114,8 @@ def compile_and_compare(onnx_path, reference: torch.fx.GraphModule, out, *, laye
         convs, onnx_convs = torchref.conv_modules_in_order(model), [layer["name"] for layer in manifest["layers"]]
         assert len(convs) == len(onnx_convs)
         torchref.with_filtered_convs(model, [c for c, o in zip(convs, onnx_convs) if o in filtered], patch)
-    torch_loss = _torch_loss(model, x, labels, loss, 255 if ignore_index is None else ignore_index)
+    torch_loss = _torch_loss(model, [parameters[name] for name in values], x, labels, loss,
+                             255 if ignore_index is None else ignore_index)
     expected = {name: parameters[name].grad.numpy() for name in values}
     assert value == pytest.approx(torch_loss, rel=1e-5, abs=1e-6)
     assert set(grads) == set(manifest["trainable_params"])
