@@ -334,6 +334,12 @@ def test_train_evaluate_and_export(artifacts, tmp_path):
     np.testing.assert_array_equal(exported_classes, eval_logits.argmax(axis=1))
 
 
+def test_class_map_output_name_is_the_compilers():
+    from gfcompiler.onnx_step import losses
+
+    assert CLASS_MAP_OUTPUT == losses.CLASS_MAP_OUTPUT  # the runtime cannot import the compiler
+
+
 def test_bad_labels_in_a_step_are_refused(artifacts):
     trainer = Trainer(artifacts, "cpu")
     x = np.zeros((2, 3, SIZE, SIZE), np.float32)

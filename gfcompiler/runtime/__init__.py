@@ -35,6 +35,7 @@ _EXPORTS = {
     "Dataset": "data",
     "Preprocess": "data",
     "load_dataset": "data",
+    "ConfusionMatrix": "metrics",
     "Artifacts": "artifacts",
     "open_artifacts": "artifacts",
     "RunDir": "checkpoints",
