@@ -50,6 +50,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         single_graph=args.single_graph,
         backend=args.backend,
         ignore_index=args.ignore_index,
+        train_output=args.train_output,
     )
     manifest = compile_model(args.model, args.output, options, progress=_warnings_only if args.quiet else _stage)
     if not args.quiet:
@@ -82,6 +83,10 @@ def _compile_parser(subparsers) -> None:
     parser.add_argument("--ignore-index", type=int, default=None, metavar="N",
                         help="per-pixel cross_entropy: pixels labelled N are ignored (no loss, no gradient; the mean "
                              "is over the others), as torch's ignore_index (default 255)")
+    parser.add_argument("--train-output", default=None, metavar="NAME",
+                        help="the model output the loss trains, required when the model has several (a detector's "
+                             "scores, an OCR head...): one output only; the others, and the nodes only they need, "
+                             "are dropped, so the artifacts train, evaluate and export this output alone")
     parser.add_argument("--keep-softmax", action="store_true",
                         help="with --loss cross_entropy, keep a Softmax that ends the model; by default the model is "
                              "trained on the Softmax's input (the logits), as the loss applies its own softmax, and "
@@ -120,6 +125,7 @@ def _inspect_parser(subparsers) -> None:
     parser.add_argument("--layers", default=None, help="for a model: as in compile")
     parser.add_argument("--patch", type=int, default=4, help="for a model: as in compile")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W")
+    parser.add_argument("--train-output", default=None, metavar="NAME", help="for a model: as in compile")
     parser.set_defaults(handler=_cmd_inspect)
 
 

@@ -59,6 +59,8 @@ from gfcompiler.passes.gradient_filter import GradientFilterPass, forward_conv_o
 from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
 from gfcompiler.passes.output_head import META_KEY as STRIPPED_SOFTMAX_KEY
 from gfcompiler.passes.output_head import strip_softmax_for_loss
+from gfcompiler.passes.output_select import META_KEY as SELECTED_OUTPUT_KEY
+from gfcompiler.passes.output_select import select_trained_output
 from gfcompiler.passes.training_cleanup import CoupledWeightDecayPass, DropUnusedMaxPoolIndicesPass
 from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
 
@@ -82,6 +84,7 @@ class CompileOptions:
     backend: str = "onnx"  # standard-ONNX step model for stock onnxruntime; or "ort-training" (onnxruntime-training 1.19.2)
     gradient_outputs: bool = False  # onnx backend: the step model also outputs <param>.grad (verification)
     ignore_index: int | None = None  # per-pixel cross_entropy: the label value ignored (None: 255)
+    train_output: str | None = None  # the graph output the loss trains (required when the model has several)
 
 
 def _silent(_: str) -> None:
@@ -96,6 +99,7 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
     for canonical_pass in canonicalization_passes():
         canonical_pass(model)
     infer_shapes(model)
+    select_trained_output(model, options.train_output, progress)  # the others dropped; result in model.meta
     strip_softmax_for_loss(model, options.loss, options.keep_softmax, progress)  # result in model.meta
     _require_spatial_sizes(model)
     measure_unknown_conv_inputs(model)
@@ -347,7 +351,11 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
 
 def _notes(model: ir.Model) -> tuple[str, ...]:
     """What the compile changed that the user must know when using the artifacts."""
-    return tuple(
+    selected = model.meta.get(SELECTED_OUTPUT_KEY)
+    chosen = () if selected is None else (
+        f"the model's output {selected.output!r} is trained and exported (--train-output); its other outputs "
+        f"{', '.join(map(repr, selected.dropped_outputs))} and the nodes only they needed were dropped",)
+    return chosen + tuple(
         f"output {stripped.output!r} was a Softmax ({stripped.node}); cross-entropy applies its own, so the model "
         f"is trained on, and outputs, its input {stripped.logits!r} (logits; argmax unchanged, softmax over axis "
         f"{stripped.axis} gives the probabilities); --keep-softmax keeps it"

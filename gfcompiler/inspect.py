@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     from gfcompiler.driver import CompileOptions, compile_model
     from gfcompiler.loading import InputShape
 
-    options = CompileOptions(layers=args.layers, patch=args.patch, input_shapes=[InputShape.parse(t) for t in args.input_shape])
+    options = CompileOptions(layers=args.layers, patch=args.patch, input_shapes=[InputShape.parse(t) for t in args.input_shape],
+                             train_output=args.train_output)
     with tempfile.TemporaryDirectory(prefix="gfc-inspect-") as scratch:
         out = Path(scratch) / "artifacts"
         compile_model(target, out, options)

@@ -1,0 +1,122 @@
+"""Train one output: keep the graph output the loss trains, drop the others and what only they need.
+
+Detectors, OCR pipelines and face models often have several outputs (boxes and scores
+per stride, landmarks next to a face score...). A loss trains one tensor, so the
+compiler must know which: ``--train-output NAME`` names it. `SelectOutputPass` makes
+that value the graph's only output and removes the nodes, initializers and graph
+inputs that no longer feed it, so the training graph, the eval model and the exported
+model all compute the chosen output alone (and only it is exported).
+
+`select_trained_output` is the compile step: a model with one output needs no choice;
+a model with several and no choice is refused with the list of outputs and their
+shapes; an unknown name is refused with the same list.
+
+Invariants kept: topological order (nodes are only removed), unique names (nothing is
+renamed), the chosen output keeps its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from gfcompiler.errors import InputError, UnsupportedModelError
+from gfcompiler.loading import data_inputs
+
+META_KEY = "gfcompiler.selected_output"  # ir.Model.meta key: `select_trained_output` leaves its `SelectedOutput`
+FLAG = "--train-output"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedOutput:
+    """The output kept for the loss, and what was dropped from the graph with the others."""
+
+    output: str
+    dropped_outputs: tuple[str, ...]
+    dropped_inputs: tuple[str, ...]
+    removed_nodes: int
+
+
+@dataclasses.dataclass
+class OutputSelectionResult(ir.passes.PassResult):
+    selected: SelectedOutput | None = None
+
+
+class SelectOutputPass(ir.passes.InPlacePass):
+    """Make the graph output named ``name`` the only one; remove what no longer feeds it."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def call(self, model: ir.Model) -> OutputSelectionResult:
+        graph = model.graph
+        chosen = next(value for value in graph.outputs if value.name == self.name)
+        dropped = tuple(value.name for value in graph.outputs if value is not chosen)
+        nodes_before = len(graph)
+        graph.outputs.clear()
+        graph.outputs.append(chosen)
+        RemoveUnusedNodesPass()(model)
+        unused_inputs = [value for value in graph.inputs if not value.uses() and value is not chosen]
+        for value in unused_inputs:
+            graph.inputs.remove(value)
+        RemoveUnusedNodesPass()(model)  # initializers that were also (now removed) graph inputs
+        selected = SelectedOutput(chosen.name, dropped, tuple(value.name for value in unused_inputs),
+                                  nodes_before - len(graph))
+        return OutputSelectionResult(model, bool(dropped), selected)
+
+
+def describe_output(value: ir.Value) -> str:
+    """``'name' (1×3×?×?)``: an output with its shape, ``?`` for a dynamic dim."""
+    if value.shape is None:
+        return f"{value.name!r} (shape unknown)"
+    dims = "×".join(str(dim) if isinstance(dim, int) else "?" for dim in value.shape)
+    return f"{value.name!r} ({dims or 'scalar'})"
+
+
+def _listing(graph: ir.Graph) -> str:
+    return ", ".join(describe_output(value) for value in graph.outputs)
+
+
+def _check_choice(graph: ir.Graph, name: str | None) -> str:
+    """The name of the output to train: ``name``, or the only output; refuses what cannot be chosen."""
+    names = [value.name for value in graph.outputs]
+    if name is None:
+        if len(names) == 1:
+            return names[0]
+        raise UnsupportedModelError(
+            f"the model has {len(names)} outputs: {_listing(graph)}; the loss trains one: choose it with "
+            f"{FLAG} NAME (the others are dropped from the training graph and the export)")
+    if name not in names:
+        raise InputError(f"{FLAG} {name!r} is not an output of the model; its outputs: {_listing(graph)}")
+    chosen = graph.outputs[names.index(name)]
+    if chosen.producer() is None:
+        raise UnsupportedModelError(f"output {name!r} is a graph input or an initializer, not computed by the model: "
+                                    "there is nothing to train")
+    return name
+
+
+def select_trained_output(model: ir.Model, name: str | None, progress: Callable[[str], None]) -> SelectedOutput | None:
+    """The compile step: keep the output the loss trains (``name``, or the only one).
+
+    Refuses a model with several outputs when ``name`` is None (`UnsupportedModelError`)
+    and a ``name`` that is not an output (`InputError`), both listing the outputs and
+    their shapes. Leaves the `SelectedOutput` in ``model.meta[META_KEY]`` (for the
+    manifest notes) and returns it; None when the model had one output.
+    """
+    chosen = _check_choice(model.graph, name)
+    if len(model.graph.outputs) == 1:
+        return None
+    result = SelectOutputPass(chosen)(model)
+    assert isinstance(result, OutputSelectionResult) and result.selected is not None
+    selected = result.selected
+    if not data_inputs(model):
+        raise UnsupportedModelError(f"output {chosen!r} does not depend on any data input: there is nothing to train")
+    inputs = f" and input(s) {', '.join(map(repr, selected.dropped_inputs))}" if selected.dropped_inputs else ""
+    progress(f"training output {selected.output!r}; dropped output(s) {', '.join(map(repr, selected.dropped_outputs))}"
+             f"{inputs} ({selected.removed_nodes} nodes fed only those)")
+    model.meta[META_KEY] = selected
+    return selected
