@@ -14,6 +14,7 @@ devices where only the runtime is installed, through the same `run_command` as `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -101,17 +102,21 @@ def _preprocess(args, artifacts):
     return Preprocess.for_model(artifacts, resize=args.resize, scale=args.scale, mean=args.mean, std=args.std)
 
 
+@contextlib.contextmanager
 def _checkpoint(args, artifacts):
-    """(checkpoint path or None, description) for eval / export."""
+    """(checkpoint path or None, description) for eval / export: a verified private copy of the run
+    directory's committed checkpoint (safe while ``gfc train`` writes there), deleted afterwards."""
     from gfcompiler.runtime.checkpoints import RunDir, default_run_dir
 
     if args.initial:
-        return None, "the compiled initial weights"
+        yield None, "the compiled initial weights"
+        return
     runs = RunDir(args.run_dir or default_run_dir(artifacts), artifacts)
-    record = runs.latest()
-    if record is None:
-        return None, f"the compiled initial weights (no checkpoint in {runs.path})"
-    return record.path, f"checkpoint {record.describe()}"
+    with runs.reading() as record:
+        if record is None:
+            yield None, f"the compiled initial weights (no checkpoint in {runs.path})"
+        else:
+            yield record.load_path, f"checkpoint {record.describe()}"
 
 
 def run_train(args) -> int:
@@ -141,9 +146,9 @@ def run_eval(args) -> int:
     from gfcompiler.runtime.trainer import Trainer
 
     artifacts = open_artifacts(args.artifacts)
-    checkpoint, weights = _checkpoint(args, artifacts)
     dataset = load_dataset(args.data, artifacts, _preprocess(args, artifacts))
-    trainer = Trainer(artifacts, args.device, threads=args.threads, checkpoint=checkpoint)
+    with _checkpoint(args, artifacts) as (checkpoint, weights):
+        trainer = Trainer(artifacts, args.device, threads=args.threads, checkpoint=checkpoint)
     result = trainer.evaluate(dataset, batch_size=args.batch_size)
     if args.json:
         names = {"class_names": list(dataset.classes)} if dataset.classes is not None and artifacts.segmentation else {}
@@ -170,8 +175,8 @@ def run_export(args) -> int:
     from gfcompiler.runtime.trainer import Trainer
 
     artifacts = open_artifacts(args.artifacts)
-    checkpoint, weights = _checkpoint(args, artifacts)
-    trainer = Trainer(artifacts, "cpu", checkpoint=checkpoint)
+    with _checkpoint(args, artifacts) as (checkpoint, weights):
+        trainer = Trainer(artifacts, "cpu", checkpoint=checkpoint)
     path = trainer.export(args.output, overwrite=args.force)
     outputs = f"outputs {artifacts.output.name!r} and 'classes' (N×H×W class map)" if artifacts.segmentation else ""
     print(f"wrote {path} ({weights}); verified against the runtime's eval outputs" + (f"; {outputs}" if outputs else ""))

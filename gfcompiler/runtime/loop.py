@@ -3,7 +3,10 @@
 `fit` runs epochs on a `Trainer` from a `Position` (where a previous run stopped) and
 saves a checkpoint at every epoch end and on Ctrl-C; `train` is what ``gfc train`` does
 around it: open the artifacts and the data, pick the device, start fresh or resume from
-the run directory's checkpoint.
+the run directory's checkpoint. `train` holds the run directory's writer lock
+(gfcompiler.runtime.checkpoints.RunLock) from before it looks at the directory to the end,
+so a second writer is refused at once and ``--overwrite`` never clears a directory another
+process trains in.
 
 Resuming reproduces the uninterrupted run: the batches of an epoch are a function of
 (seed, epoch) (gfcompiler.runtime.data.epoch_batches), the learning rate a function of the
@@ -18,6 +21,7 @@ last checkpoint saved (the previous epoch end) stays the current one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -138,7 +142,8 @@ def fit(
     run = _Run(trainer, train, config.checked(trainer.artifacts, len(train), progress), val, run_dir,
                progress, metrics or MetricsLog(None, ""), on_step)
     position, history = start or Position(), []
-    with _DeferredInterrupt(progress, enabled=handle_sigint) as interrupt:
+    writer = run_dir.writing() if run_dir is not None else contextlib.nullcontext()  # `train` holds it already
+    with writer, _DeferredInterrupt(progress, enabled=handle_sigint) as interrupt:
         for epoch in range(position.epoch, run.config.epochs):
             position, record = run.epoch(epoch, position, interrupt)
             if record is not None:
@@ -342,6 +347,17 @@ def train(
         raise TypeError(f"unknown training options {sorted(unknown)}")
     config_values = {k: v for k, v in config_values.items() if v is not None}
     runs = RunDir(run_dir if run_dir is not None else default_run_dir(artifacts), artifacts)
+    with runs.writing() as lock:  # one writer per run directory, before anything in it is looked at
+        if not lock.enforced:
+            progress.message(lock.UNENFORCED_NOTE)
+        return _train_locked(runs, artifacts, data, val, resume, overwrite, device, threads, preprocess,
+                             progress, on_step, handle_sigint, config_values)
+
+
+def _train_locked(runs: RunDir, artifacts: Artifacts, data, val, resume: bool, overwrite: bool, device: str,
+                  threads: int | None, preprocess: Preprocess | None, progress: Progress,
+                  on_step: StepCallback | None, handle_sigint: bool, config_values: dict) -> FitResult:
+    """`train` once it holds the run directory's writer lock."""
     record = _starting_record(runs, resume, overwrite)  # checks only; --overwrite clears below
     if record is None:
         if artifacts.fixed_batch is not None:
