@@ -14,8 +14,11 @@ sizes. The result is an `onnx_ir.Model` with:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from pathlib import Path
+import re
+import stat
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import onnx
@@ -23,11 +26,13 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from gfcompiler.errors import InputError, UnsupportedModelError
+from gfcompiler.passes.check_attributes import check_window_attributes, check_window_sizes
 
 MIN_OPSET = 13  # ReduceSum/Squeeze take axes as inputs; the filter builder needs this
 TARGET_OPSET = 17  # what old models are converted to
 MAX_OPSET = 21  # newest default-domain opset onnxruntime 1.19.2 implements
 MAX_IR_VERSION = 10
+MAX_ELEMENTS = 2**31 - 1  # per sample, in any input or activation: more is a corrupt or mistyped shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +43,7 @@ class InputShape:
     dims: tuple[int | None, ...]
 
     @classmethod
-    def parse(cls, text: str) -> "InputShape":
+    def parse(cls, text: str) -> InputShape:
         name, sep, dims_text = text.partition("=")
         if not sep or not name or not dims_text:
             raise InputError(f"--input-shape expects NAME=N,C,H,W, got {text!r}")
@@ -59,7 +64,7 @@ class InputShape:
 
 
 def read_model_proto(path: Path) -> onnx.ModelProto:
-    """Parse the file (with its external data) or raise a one-line InputError."""
+    """Parse the file (with its external data) and check it is valid ONNX, or raise a one-line InputError."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -68,29 +73,148 @@ def read_model_proto(path: Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, EOFError) as error:
-        raise InputError(f"{path}: not a readable ONNX model ({_first_line(error) or 'protobuf parse failed'})") from None
+        raise InputError(f"{path}: not a readable ONNX model (protobuf parse failed: truncated or another file type?)") from error
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
     _load_external_data(proto, path)
+    _check_onnx(proto, path)
     return proto
 
 
+def _check_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    """onnx's structural checker (nodes against their schemas, topological order, defined inputs).
+
+    Graph inputs/outputs declared without a shape, which onnxruntime accepts and exporters
+    write, are not refused: they get an empty shape for the duration of the check only.
+    """
+    if proto.ByteSize() >= 2**31:  # the checker cannot take a proto this large in memory; onnxruntime checks it later
+        return
+    shapeless = [info.type.tensor_type for info in (*proto.graph.input, *proto.graph.output)
+                 if info.type.HasField("tensor_type") and not info.type.tensor_type.HasField("shape")]
+    for tensor_type in shapeless:
+        tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise InputError(f"{path}: not a valid ONNX model: {_checker_detail(error)}") from error
+    finally:
+        for tensor_type in shapeless:
+            tensor_type.ClearField("shape")
+
+
+def _checker_detail(error: BaseException) -> str:
+    """The checker's first line without its C++ framing (``[ONNXRuntimeError]``-style prefixes, node dumps)."""
+    line = _first_line(error)
+    return line.split("==>")[0].strip().rstrip(".:") or "structural check failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalData:
+    """Where one tensor's bytes are stored outside the model file (its ``external_data`` entries)."""
+
+    tensor: str
+    location: str
+    offset: int
+    length: int | None  # None: to the end of the file
+
+    @classmethod
+    def of(cls, tensor: onnx.TensorProto, path: Path) -> ExternalData:
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        numbers = {}
+        for key in ("offset", "length"):
+            text = entries.get(key)
+            if text is None:
+                continue
+            if not text.isdigit():
+                raise InputError(f"{path}: tensor {tensor.name!r} has external data {key} {text!r}, not a non-negative integer")
+            numbers[key] = int(text)
+        return cls(tensor.name, entries.get("location", ""), numbers.get("offset", 0), numbers.get("length"))
+
+    def file(self, path: Path, folder: Path) -> Path:
+        """The file to read, refusing any location outside the model's folder (the resolved folder ``folder``)."""
+        location = self.location
+        if not location or "\0" in location:
+            raise InputError(f"{path}: tensor {self.tensor!r} is stored as external data but names no usable file ({location!r})")
+        if os.path.isabs(location) or PureWindowsPath(location).anchor:
+            raise self._refusal(path, "an absolute path")
+        candidate = folder / location
+        resolved = candidate.resolve()
+        if not resolved.is_relative_to(folder):
+            climbs = os.path.normpath(location).split(os.sep)[0] == os.pardir
+            raise self._refusal(path, "a path that climbs out of the model's folder" if climbs
+                                else f"a symbolic link to {resolved}, outside the model's folder")
+        return resolved
+
+    def _refusal(self, path: Path, what: str) -> InputError:
+        return InputError(
+            f"{path}: tensor {self.tensor!r} keeps its data at {self.location!r}, {what}: refused, "
+            f"gfc reads external data only from files inside the model's folder ({path.parent.resolve()})"
+        )
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [tensor for tensor in onnx.external_data_helper._get_all_tensors(proto)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL]
+
+
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    missing = sorted(
-        {
-            entry.value
-            for tensor in onnx.external_data_helper._get_all_tensors(proto)
-            if tensor.data_location == onnx.TensorProto.EXTERNAL
-            for entry in tensor.external_data
-            if entry.key == "location" and not (path.parent / entry.value).exists()
-        }
-    )
+    """Read every external tensor's bytes into the proto, from regular files inside the model's folder only.
+
+    Every location is checked before any file is opened (onnx's own loader is not used:
+    it reads first and refuses with its exception texts).
+    """
+    folder = path.parent.resolve()
+    tensors = _external_tensors(proto)
+    places = [(tensor, ExternalData.of(tensor, path)) for tensor in tensors]
+    files = [place.file(path, folder) for _, place in places]
+    missing = sorted({place.location for (_, place), file in zip(places, files) if not file.exists()})
     if missing:
         raise InputError(f"{path}: external data file(s) missing next to the model: {', '.join(missing)}")
+    for (tensor, place), file in zip(places, files):
+        tensor.raw_data = _external_bytes(tensor, place, file, path)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _external_bytes(tensor: onnx.TensorProto, place: ExternalData, file: Path, path: Path) -> bytes:
+    """The tensor's bytes from ``file``; a file too short for them, or not a regular file, is refused."""
+    where = f"{path}: tensor {tensor.name!r} (external data {place.location!r}"
+    if not stat.S_ISREG(file.stat().st_mode):
+        raise InputError(f"{where}) is not a regular file")
+    needed = _tensor_bytes(tensor)
+    length = place.length if place.length is not None else needed
     try:
-        onnx.load_external_data_for_model(proto, os.fspath(path.parent))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: cannot read external data ({_first_line(error)})") from None
+        with open(file, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if length is None:
+                length = max(size - place.offset, 0)
+            if place.offset + length > size:
+                raise InputError(f"{where}, offset {place.offset}, {length} bytes) runs past the end of the "
+                                 f"{size}-byte file: the data file is short or belongs to another model")
+            stream.seek(place.offset)
+            data = stream.read(length)
+    except OSError as error:
+        raise InputError(f"{where}) cannot be read: {error.strerror}") from error
+    if needed is not None and len(data) != needed:
+        dims = "x".join(map(str, tensor.dims)) or "scalar"
+        raise InputError(f"{where}) holds {len(data)} bytes, but its shape {dims} needs {needed}")
+    return data
+
+
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} | (
+    {onnx.TensorProto.FLOAT4E2M1} if hasattr(onnx.TensorProto, "FLOAT4E2M1") else set())
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """How many bytes a tensor's raw data must hold (None for strings or an unknown type)."""
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None if tensor.data_type == onnx.TensorProto.STRING else count * itemsize
 
 
 def _first_line(error: BaseException) -> str:
@@ -122,6 +246,23 @@ def normalize_versions(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def mark_dynamic_dims(proto: onnx.ModelProto) -> None:
+    """Turn every non-positive dimension (``-1``, ``0``: exporters' spellings of "dynamic") into an unknown one.
+
+    A dimension that is missing, symbolic or non-positive is dynamic; ``--input-shape`` fixes it.
+    """
+    pending = [proto.graph]
+    while pending:
+        graph = pending.pop()
+        for info in (*graph.input, *graph.output, *graph.value_info):
+            for dim in info.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value") and dim.dim_value <= 0:
+                    dim.ClearField("dim_value")
+        for node in graph.node:
+            for attribute in node.attribute:
+                pending.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+
+
 def apply_input_shapes(model: ir.Model, shapes: list[InputShape]) -> None:
     """Fix graph-input shapes from ``--input-shape``; refuse shapes that contradict the model."""
     inputs = {value.name: value for value in model.graph.inputs if not value.const_value}
@@ -137,7 +278,8 @@ def apply_input_shapes(model: ir.Model, shapes: list[InputShape]) -> None:
             for mine, theirs in zip(shape.dims, value.shape):
                 if isinstance(theirs, int) and mine is not None and mine != theirs:
                     raise InputError(
-                        f"--input-shape {shape.name}={_dims_text(shape.dims)} contradicts the model's shape {_dims_text(tuple(value.shape))}"
+                        f"--input-shape {shape.name}={_dims_text(shape.dims)} contradicts the model's shape "
+                        f"{_dims_text(tuple(value.shape))}"
                     )
         value.shape = ir.Shape(_merged_dims(shape, value.shape))
 
@@ -159,6 +301,33 @@ def _dims_text(dims) -> str:
     return ",".join(str(d) if isinstance(d, int) else "?" for d in dims)
 
 
+def _elements_per_sample(shape: ir.Shape) -> int:
+    """The product of the known dimensions after the first (the batch)."""
+    return math.prod(d for d in list(shape)[1:] if isinstance(d, int))
+
+
+def check_input_sizes(model: ir.Model) -> None:
+    """Refuse a data input declaring more than MAX_ELEMENTS elements per sample (a corrupt or mistyped shape)."""
+    for value in data_inputs(model):
+        if value.shape is not None and _elements_per_sample(value.shape) > MAX_ELEMENTS:
+            raise InputError(
+                f"input {value.name!r} declares shape {_dims_text(tuple(value.shape))}: "
+                f"{_elements_per_sample(value.shape):.3g} elements per sample, more than gfc accepts "
+                f"({MAX_ELEMENTS}; a corrupt or mistyped shape?); fix it with --input-shape {value.name}=N,C,H,W"
+            )
+
+
+def _check_value_sizes(model: ir.Model) -> None:
+    """Refuse a node whose inferred output exceeds MAX_ELEMENTS per sample (absurd attributes or constants)."""
+    for node in model.graph:
+        for value in node.outputs:
+            if value.shape is not None and _elements_per_sample(value.shape) > MAX_ELEMENTS:
+                raise InputError(
+                    f"{node.op_type} node {node.name!r} produces {value.name!r} of shape {_dims_text(tuple(value.shape))}: "
+                    f"more than {MAX_ELEMENTS} elements per sample (corrupt attributes or input shape?)"
+                )
+
+
 def data_inputs(model: ir.Model) -> list[ir.Value]:
     """Graph inputs that are not initializers (IR < 4 models list weights as inputs too)."""
     return [value for value in model.graph.inputs if value.const_value is None and value.name not in model.graph.initializers]
@@ -166,7 +335,8 @@ def data_inputs(model: ir.Model) -> list[ir.Value]:
 
 def check_float_weights(model: ir.Model) -> None:
     """Refuse integer or quantized models: training needs float32 weights on every Conv."""
-    quantized = {node.op_type for node in model.graph if node.op_type in ("QLinearConv", "ConvInteger", "DequantizeLinear", "QuantizeLinear")}
+    quantized_ops = ("QLinearConv", "ConvInteger", "DequantizeLinear", "QuantizeLinear")
+    quantized = {node.op_type for node in model.graph if node.op_type in quantized_ops}
     if quantized:
         raise UnsupportedModelError(f"quantized model ({', '.join(sorted(quantized))}): only float32 models can be trained")
     for node in model.graph:
@@ -180,7 +350,21 @@ def _inferred_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except onnx.shape_inference.InferenceError as error:
-        raise UnsupportedModelError(f"shape inference failed: {_first_line(error)}") from None
+        raise UnsupportedModelError(f"the model's shapes do not agree: {_inference_detail(error)}") from error
+
+
+_ERROR_TAG = re.compile(r"\[\w+Error\]\s*")
+_NODE_OF_ERROR = re.compile(r"\(op_type:(\w+), node name: ([^)]*)\):\s*(.*)")
+
+
+def _inference_detail(error: BaseException) -> str:
+    """onnx's inference message in the model's terms: ``<op> node '<name>': <what>``."""
+    text = _first_line(error)
+    match = _NODE_OF_ERROR.search(text)
+    if match is None:
+        return _ERROR_TAG.sub("", text).strip()
+    op_type, name, rest = match.groups()
+    return f"{op_type} node {name!r}: {_ERROR_TAG.sub('', rest).strip()}"
 
 
 def _with_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -223,7 +407,8 @@ def infer_shapes(model: ir.Model) -> None:
     ``Shape``/``Gather``/``Concat``) loses every dimension. When that happens, a second
     inference with the batch fixed to 1 recovers the non-batch dimensions, which are
     copied into the values whose own inference left them unknown. The model is
-    annotated in place: only the inference itself runs on a protobuf copy.
+    annotated in place: only the inference itself runs on a protobuf copy. Windowed nodes
+    that do not fit their input and absurdly large values are then refused (`InputError`).
     """
     proto = ir.serde.serialize_model(model)
     inferred = _inferred_types(proto)
@@ -232,13 +417,14 @@ def infer_shapes(model: ir.Model) -> None:
             if value.name in inferred:
                 ir.serde.deserialize_value_info_proto(inferred[value.name], value)
     lost = [value for node in model.graph for value in node.outputs if _lost_non_batch_dims(value)]
-    if not lost:
-        return
-    probe = _inferred_types(_with_batch_one(proto))
-    for value in lost:
-        known = ir.serde.deserialize_type_proto_for_shape(probe[value.name].type) if value.name in probe else None
-        if known is not None and len(known) == len(value.shape):
-            value.shape = ir.Shape([value.shape[0], *known[1:]])
+    if lost:
+        probe = _inferred_types(_with_batch_one(proto))
+        for value in lost:
+            known = ir.serde.deserialize_type_proto_for_shape(probe[value.name].type) if value.name in probe else None
+            if known is not None and len(known) == len(value.shape):
+                value.shape = ir.Shape([value.shape[0], *known[1:]])
+    check_window_sizes(model)
+    _check_value_sizes(model)
 
 
 def measure_unknown_conv_inputs(model: ir.Model) -> None:
@@ -259,14 +445,14 @@ def measure_unknown_conv_inputs(model: ir.Model) -> None:
         if node.op_type == "Conv" and node.inputs[0] is not None
         and (node.inputs[0].shape is None or not all(isinstance(d, int) for d in node.inputs[0].shape[1:]))
     }
+    if not targets:
+        return
     feeds = {}
     for value in data_inputs(model):
         dims = list(value.shape) if value.shape is not None else None
-        if dims is None or not all(isinstance(d, int) for d in dims[1:]):
+        if dims is None or value.dtype is None or not all(isinstance(d, int) for d in dims[1:]):
             return
         feeds[value.name] = np.zeros([1, *dims[1:]], dtype=value.dtype.numpy())
-    if not targets:
-        return
     proto = ir.serde.serialize_model(model)
     del proto.graph.output[:]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in targets)
@@ -277,7 +463,7 @@ def measure_unknown_conv_inputs(model: ir.Model) -> None:
         results = session.run(None, feeds)
     except Exception:  # the model does not run as is: leave the shapes unknown (layers keep the exact backward)
         return
-    for (name, value), array in zip(targets.items(), results):
+    for value, array in zip(targets.values(), results):
         batch = value.shape[0] if value.shape is not None and len(value.shape) == array.ndim else "N"
         value.shape = ir.Shape([batch, *array.shape[1:]])
 
@@ -285,9 +471,12 @@ def measure_unknown_conv_inputs(model: ir.Model) -> None:
 def load_model(path: Path, input_shapes: list[InputShape] = ()) -> ir.Model:
     """Read, version-normalize and shape-annotate a model (see the module docstring)."""
     proto = normalize_versions(read_model_proto(path))
+    mark_dynamic_dims(proto)
     model = ir.serde.deserialize_model(proto)
     apply_input_shapes(model, list(input_shapes))
+    check_input_sizes(model)
     check_float_weights(model)
+    check_window_attributes(model)
     if not data_inputs(model):
         raise UnsupportedModelError("model has no data input (every input is an initializer)")
     return model
