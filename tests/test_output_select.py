@@ -132,3 +132,20 @@ def test_inputs_only_dropped_outputs_need_are_dropped(tmp_path):
     assert selected.dropped_outputs == ("heatmap", "features", "scaled") and selected.dropped_inputs == ("scale",)
     assert selected.removed_nodes == 2 and "wh" not in ir_model.graph.initializers
     assert [v.name for v in ir_model.graph.inputs] == ["x"] and [v.name for v in ir_model.graph.outputs] == ["logits"]
+
+
+def test_a_time_major_output_is_refused_naming_the_batch_axis(tmp_path):
+    """A T×N×C output (CTC recognizers) puts the samples on axis 1: the loss and runtime need them on axis 0."""
+    model = onnx.load(_model_file(tmp_path / "m.onnx", ("heatmap",)))
+    model.graph.node.extend([
+        helper.make_node("Squeeze", ["heatmap", "one"], ["sequence"]),  # N×8×8: 8 steps of 8 features
+        helper.make_node("Transpose", ["sequence"], ["steps"], perm=[1, 0, 2]),
+    ])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("steps", TensorProto.FLOAT, [8, "N", 8]))
+    onnx.save(model, tmp_path / "steps.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"output 'steps' \(8×\?×8\) has the batch 'N' of input 'x' "
+                                                    r"on axis 1, not axis 0"):
+        compile_model(tmp_path / "steps.onnx", tmp_path / "out", CompileOptions(loss="mse"))
+    assert not (tmp_path / "out").exists()

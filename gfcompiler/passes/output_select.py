@@ -99,22 +99,51 @@ def _check_choice(graph: ir.Graph, name: str | None) -> str:
     return name
 
 
+def _batch_axis_reason(model: ir.Model, output: ir.Value) -> str | None:
+    """Why ``output`` does not hold the samples along axis 0 (None when it does, or when that cannot be told).
+
+    Told only from a named dynamic batch: the data input's first dim is a symbol that
+    appears in the output on another axis (a time-major T×N×C sequence output).
+    """
+    inputs = data_inputs(model)
+    if len(inputs) != 1 or not inputs[0].shape or not output.shape:
+        return None
+    batch = inputs[0].shape[0]
+    if isinstance(batch, int) or batch.value is None:
+        return None
+    axes = [axis for axis, dim in enumerate(output.shape) if not isinstance(dim, int) and dim.value == batch.value]
+    if not axes or 0 in axes:
+        return None
+    return (f"output {describe_output(output)} has the batch {batch.value!r} of input {inputs[0].name!r} on axis "
+            f"{axes[0]}, not axis 0, where the loss and the runtime take the samples (a time-major sequence "
+            "output needs a Transpose at the end of the model)")
+
+
+def _require_batch_first(model: ir.Model) -> None:
+    reason = _batch_axis_reason(model, model.graph.outputs[0])
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+
+
 def select_trained_output(model: ir.Model, name: str | None, progress: Callable[[str], None]) -> SelectedOutput | None:
     """The compile step: keep the output the loss trains (``name``, or the only one).
 
     Refuses a model with several outputs when ``name`` is None (`UnsupportedModelError`)
     and a ``name`` that is not an output (`InputError`), both listing the outputs and
-    their shapes. Leaves the `SelectedOutput` in ``model.meta[META_KEY]`` (for the
-    manifest notes) and returns it; None when the model had one output.
+    their shapes; refuses an output whose samples are not along axis 0. Leaves the
+    `SelectedOutput` in ``model.meta[META_KEY]`` (for the manifest notes) and returns
+    it; None when the model had one output.
     """
     chosen = _check_choice(model.graph, name)
     if len(model.graph.outputs) == 1:
+        _require_batch_first(model)
         return None
     result = SelectOutputPass(chosen)(model)
     assert isinstance(result, OutputSelectionResult) and result.selected is not None
     selected = result.selected
     if not data_inputs(model):
         raise UnsupportedModelError(f"output {chosen!r} does not depend on any data input: there is nothing to train")
+    _require_batch_first(model)
     inputs = f" and input(s) {', '.join(map(repr, selected.dropped_inputs))}" if selected.dropped_inputs else ""
     progress(f"training output {selected.output!r}; dropped output(s) {', '.join(map(repr, selected.dropped_outputs))}"
              f"{inputs} ({selected.removed_nodes} nodes fed only those)")
