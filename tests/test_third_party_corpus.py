@@ -39,7 +39,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        return self.model + ("-" + self.options["train_output"] if "train_output" in self.options else "")
+        output = "-" + self.options["train_output"] if "train_output" in self.options else ""
+        return self.model + output + ("-" + self.options["backend"] if "backend" in self.options else "")
 
 
 def _shape(text: str) -> list[InputShape]:
@@ -54,6 +55,9 @@ CASES = (
     Case("ppocr_rec_v6", {"input_shapes": _shape("x=N,3,48,160"), "loss": "mse"}),
     Case("layout_picodet", {}, refusal="the model has 8 outputs: 'transpose_0.tmp_0' (1×7600×10)"),
     Case("layout_picodet", {"train_output": "transpose_0.tmp_0", "loss": "mse"}),
+    Case("layout_picodet", {"train_output": "transpose_0.tmp_0", "loss": "mse", "backend": "ort-training"},
+         bug="internal error: onnxruntime refuses the filtered training graph (Reshape p2o.Conv.74/gf/dY_avg_folded: "
+             "incompatible shapes); --patch 0 compiles"),
     Case("mtcnn_pnet", {"input_shapes": _shape("input_1=N,12,12,3"), "train_output": "conv2d_4", "loss": "mse"}),
     Case("mtcnn_rnet", {"train_output": "softmax_1"}),
     Case("mtcnn_onet", {}, refusal="the model has 3 outputs: 'dense_5' (?×4), 'dense_6' (?×10), 'softmax_2' (?×2)"),
@@ -117,14 +121,14 @@ def test_third_party_model(tmp_path, case):
 
 
 def main() -> None:
-    print(f"{'model':36} {'package':30} {'MB':>5} {'seconds':>7}  result")
+    print(f"{'model':46} {'package':30} {'MB':>5} {'seconds':>7}  result")
     for case in CASES:
         packaged = models.PACKAGED_MODELS[case.model]
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 size = models.packaged_onnx(packaged).stat().st_size / 1e6
             except models.ModelUnavailable as reason:
-                print(f"{case.id:36} unavailable: {reason}")
+                print(f"{case.id:46} unavailable: {reason}")
                 continue
             start = time.perf_counter()
             try:
@@ -133,7 +137,7 @@ def main() -> None:
                 result = f"ERROR {type(error).__name__}: {str(error)[:300]}"
             seconds = time.perf_counter() - start
         package = f"{packaged.package}=={packaged.version}"
-        print(f"{case.id:36} {package:30} {size:5.1f} {seconds:7.1f}  {result}", flush=True)
+        print(f"{case.id:46} {package:30} {size:5.1f} {seconds:7.1f}  {result}", flush=True)
 
 
 if __name__ == "__main__":
