@@ -1,9 +1,10 @@
 """The ``gfc`` command line: one parser for every command, run by one error handler.
 
 `build_parser` registers every command (compile and inspect here; train, eval and
-export from gfcompiler.runtime.cli; bench from gfcompiler.bench.cli; demo from
-gfcompiler.demo). Registering imports no heavy module: each handler imports what it
-needs (onnx, onnxruntime) when it runs, so ``gfc --help`` stays fast. `main` runs the
+export from gfcompiler.runtime.cli; bench from gfcompiler.bench.cli; federate from
+gfcompiler.federated.cli; demo from gfcompiler.demo). Registering imports no heavy
+module: each handler imports what it needs (onnx, onnxruntime, flwr) when it runs, so
+``gfc --help`` stays fast. `main` runs the
 chosen command through `gfcompiler.commandline.run_command`: a `GfcError` is printed as
 one line on stderr (``gfc: error: ...``) and exits with its code (see
 `gfcompiler.errors`), with no traceback unless ``--debug``. Ctrl-C exits 130.
@@ -18,6 +19,7 @@ from gfcompiler import __version__, demo
 from gfcompiler.bench.cli import add_command as add_bench_command
 from gfcompiler.commandline import SELECTION_HELP, add_debug_flag, run_command
 from gfcompiler.errors import EXIT_HELP
+from gfcompiler.federated.cli import add_command as add_federate_command
 from gfcompiler.manifest import LOSSES
 from gfcompiler.runtime.cli import add_commands as add_runtime_commands
 
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_parser(subparsers)
     add_runtime_commands(subparsers)
     add_bench_command(subparsers)
+    add_federate_command(subparsers)
     _demo_parser(subparsers)
     return parser
 

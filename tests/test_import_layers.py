@@ -11,7 +11,7 @@ here although Python would run it. Checked:
   where `LAZY_IMPORTS` allows them: to load an optional or heavy dependency when it is
   needed, never to break a cycle;
 * every ``gfc`` command registers (``gfc --help``) without onnx, onnx_ir, networkx,
-  torch, onnxruntime or matplotlib: no command can be dropped by a missing package.
+  torch, onnxruntime, matplotlib, flwr or ray: no command can be dropped by a missing package.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ RUNTIME_LAYERS = ("gfcompiler.runtime.loop", "gfcompiler.runtime.trainer", "gfco
                   "gfcompiler.runtime.losses")
 
 # Modules whose function-level imports are checked, and what each may import inside a function (and why).
-CHECKED = ("gfcompiler.runtime", "gfcompiler.cli", "gfcompiler.commandline", "gfcompiler.errors")
+CHECKED = ("gfcompiler.runtime", "gfcompiler.cli", "gfcompiler.commandline", "gfcompiler.errors", "gfcompiler.federated")
 LAZY_IMPORTS = {
     # The backend's engine is imported when artifacts of that backend open: ort_engine needs
     # onnxruntime-training, which most devices lack.
@@ -42,10 +42,15 @@ LAZY_IMPORTS = {
                                "gfcompiler.runtime.loop", "gfcompiler.runtime.progress", "gfcompiler.runtime.trainer"},
     # compile / inspect import the compiler (onnx, onnx_ir), absent on a device with only the runtime.
     "gfcompiler.cli": {"gfcompiler.artifacts", "gfcompiler.driver", "gfcompiler.inspect", "gfcompiler.loading"},
+    # gfc federate's handler imports the runtime (onnxruntime) and, once its arguments are checked, the
+    # simulation (flwr, ray: the federated extra), so registering it needs neither.
+    "gfcompiler.federated.cli": {"gfcompiler.runtime.artifacts", "gfcompiler.runtime.checkpoints",
+                                 "gfcompiler.runtime.progress", "gfcompiler.federated.partition",
+                                 "gfcompiler.federated.simulation"},
 }
 
-COMMANDS = {"compile", "inspect", "train", "eval", "export", "bench", "demo"}
-HEAVY = ("onnx", "onnx_ir", "networkx", "torch", "onnxruntime", "matplotlib")
+COMMANDS = {"compile", "inspect", "train", "eval", "export", "bench", "federate", "demo"}
+HEAVY = ("onnx", "onnx_ir", "networkx", "torch", "onnxruntime", "matplotlib", "flwr", "ray")
 
 
 def _modules() -> dict[str, Path]:

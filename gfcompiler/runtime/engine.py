@@ -21,6 +21,8 @@ Each engine has this interface:
     apply() / discard()            adopt / drop what the last ``train`` computed
     evaluate(feeds) -> (loss, out) the eval model on the current parameters
     parameters() -> {name: array}  copies of the parameters
+    load_parameters({name: array}) replace those parameters (names, shapes, dtypes
+                                   checked by the Trainer); the optimizer state stays
     save_checkpoint(path)          the whole training state at ``path`` (OSError,
                                    RuntimeError pass to the caller)
     write_inference_model(path)    the whole model with the current weights (unchecked)

@@ -258,6 +258,14 @@ class OnnxStepEngine:
         self._check_state()
         return {s.name: np.array(self.values[s.name].numpy()) for s in self.spec.parameters}
 
+    def load_parameters(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace trainable parameters by ``arrays`` (checked by the Trainer); the optimizer slots stay."""
+        self._check_state()
+        if self._pending is not None:
+            raise RuntimeError("apply or discard the pending step before loading parameters")
+        for name, array in arrays.items():
+            self.values[name] = self._to_device(array)
+
     def save_checkpoint(self, path: Path) -> None:
         """Every state tensor and the step count as an ``.npz`` at ``path`` (OSError passes)."""
         write_state(path, self.state_arrays(), self.steps_taken)

@@ -151,6 +151,11 @@ class OrtTrainingEngine:
         """Copies of every parameter in the checkpoint state (trainable and frozen)."""
         return {name: np.array(parameter.data) for name, parameter in self.state.parameters}
 
+    def load_parameters(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace parameters of the checkpoint state by ``arrays`` (checked by the Trainer)."""
+        for name, array in arrays.items():
+            self.state.parameters[name].data = array
+
     def save_checkpoint(self, path: Path) -> None:
         """An onnxruntime checkpoint with the optimizer state at ``path`` (RuntimeError/OSError pass)."""
         self._api.CheckpointState.save_checkpoint(self.state, path, include_optimizer_state=True)

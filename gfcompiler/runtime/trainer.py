@@ -310,6 +310,26 @@ class Trainer:
         """Copies of the parameters in the training state (ort-training: trainable and frozen)."""
         return self.engine.parameters()
 
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trained parameters alone (manifest ``trainable_params``), in that order."""
+        parameters = self.engine.parameters()
+        return {name: parameters[name] for name in self.artifacts.trainable_params}
+
+    def load_parameters(self, arrays: dict[str, np.ndarray]) -> None:
+        """Set trained parameters from ``arrays`` (name -> array; any subset, cast to the parameter's
+        dtype); the optimizer state and step count stay. InputError for an unknown name or a wrong shape."""
+        current = self.trainable_parameters()
+        checked = {}
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if name not in current:
+                raise InputError(f"{name!r} is not a trained parameter of {self.artifacts.directory}")
+            if array.shape != current[name].shape:
+                raise InputError(f"parameter {name!r} is {_shape(current[name])}, got an array of {_shape(array)}")
+            checked[name] = np.ascontiguousarray(array, dtype=current[name].dtype)
+        self.engine.load_parameters(checked)
+        self._inference = None  # predictions exported from the old weights are stale
+
     @property
     def checkpoint_suffix(self) -> str:
         return self.engine.checkpoint_suffix
