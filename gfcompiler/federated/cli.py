@@ -70,7 +70,8 @@ def config_from_args(args: argparse.Namespace) -> FederationConfig:
     batch_size = args.batch_size or artifacts.fixed_batch or 32
     return FederationConfig(
         artifacts=str(Path(args.artifacts).resolve()), data=tuple(_absolute(s) for s in args.data),
-        clients=args.clients or (len(args.data) if len(args.data) > 1 else 2), rounds=args.rounds,
+        clients=args.clients if args.clients is not None else (len(args.data) if len(args.data) > 1 else 2),
+        rounds=args.rounds,
         local_epochs=args.epochs, lr=args.lr, batch_size=batch_size, alpha=args.alpha, seed=args.seed,
         strategy=args.strategy, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
         val_data=_absolute(args.val_data) if args.val_data else "",

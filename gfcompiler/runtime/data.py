@@ -40,6 +40,8 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -187,9 +189,15 @@ def load_dataset(source: str | Path, artifacts: Artifacts, preprocess: Preproces
     return check_dataset(dataset, artifacts)
 
 
+# What numpy and zipfile raise on a damaged or hostile .npz (a pickled object array: ValueError).
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
+               MemoryError)
+
+
 def load_npz(path: Path) -> Dataset:
+    """``x`` and ``y`` of an .npz file; pickled (object) arrays are refused, never unpickled."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with _open_npz(path) as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:
                 raise InputError(
@@ -199,9 +207,21 @@ def load_npz(path: Path) -> Dataset:
             x, y = archive["x"], archive["y"]
     except InputError:
         raise
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path} is not a readable .npz file ({error})") from None
+    except _NPZ_ERRORS as error:
+        raise InputError(f"{path} is not a readable .npz file ({_first_line(error)})") from None
     return Dataset(x, y, str(path))
+
+
+def _open_npz(path: Path):
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
+        raise InputError(f"{path} holds one array, not an .npz archive with x (N×C×H×W) and y (labels)")
+    return loaded
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else "") or type(error).__name__
 
 
 def load_image_folder(path: Path, artifacts: Artifacts, preprocess: Preprocess) -> Dataset:
@@ -631,6 +651,8 @@ def check_dataset(dataset: Dataset, artifacts: Artifacts) -> Dataset:
         )
     if len(x) == 0:
         raise InputError(f"{where}: the data set is empty")
+    if y.ndim == 0:
+        raise InputError(f"{where}: y is a scalar; expected one label per sample")
     if len(y) != len(x):
         raise InputError(f"{where}: {len(x)} samples in x but {len(y)} labels in y")
     x = np.ascontiguousarray(x, dtype=np.float32)
