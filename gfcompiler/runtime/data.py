@@ -487,6 +487,8 @@ def resize_nearest(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 DIGIT_SCENES_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "grass", "gravel", "brick")
 DIGIT_SCENES_COUNT = {"train": 400, "test": 100}
+DIGITS_PER_SCENE = (1, 2)  # inclusive range
+DIGIT_SIDE = (0.45, 0.75)  # a digit's square side (with its margin) as a fraction of min(H, W)
 DIGIT_SCENES_SEED = 0
 DIGIT_SCENES_CLASSES = ("background",) + tuple(str(d) for d in range(10))
 STROKE_ALPHA = 0.5  # a pixel belongs to a digit where the digit covers at least half of it
@@ -541,9 +543,9 @@ def digit_scenes(split: str, size: tuple[int, int], *, seed: int = DIGIT_SCENES_
        the model's aspect ratio, 35–100% as tall as the largest such crop, at a uniform
        position, resized bilinearly to H×W (photos are first shrunk, bilinearly, to a
        short side of 1.25 × max(H, W) when larger);
-    2. 1–3 digits from scikit-learn's handwritten digits (1,797 8×8 scans, values 0–16;
+    2. 1–2 digits from scikit-learn's handwritten digits (1,797 8×8 scans, values 0–16;
        train scenes draw from the fixed 80% split that ``builtin:digits/train`` uses,
-       test scenes from the other 20%), each scaled to a square 35–60% of min(H, W) at a
+       test scenes from the other 20%), each scaled to a square 45–75% of min(H, W) at a
        uniform position: coverage ``a`` = value / 16, given a one-pixel empty margin
        (10×10), upscaled bilinearly, blurred with a Gaussian of half a source pixel
        (sigma = side / 20) and sharpened to ``clip((a - 0.2) / 0.5, 0, 1)`` (smooth strokes
@@ -568,7 +570,7 @@ def digit_scenes(split: str, size: tuple[int, int], *, seed: int = DIGIT_SCENES_
     edges = np.zeros((n, height, width), bool)
     for i in range(n):
         images[i] = _background(photos[rng.integers(len(photos))], size, rng)
-        for _ in range(rng.integers(1, 4)):
+        for _ in range(rng.integers(DIGITS_PER_SCENE[0], DIGITS_PER_SCENE[1] + 1)):
             k = rng.integers(len(digit_labels))
             _paint_digit(images[i], labels[i], edges[i], digit_images[k], int(digit_labels[k]), rng)
     return images, labels, edges
@@ -616,7 +618,7 @@ def _paint_digit(image: np.ndarray, labels: np.ndarray, edges: np.ndarray, digit
                  rng: np.random.Generator) -> None:
     """Paint one digit (8×8 coverage) onto ``image`` in place, with its labels and border."""
     _, height, width = image.shape
-    side = max(2, int(round(min(height, width) * rng.uniform(0.35, 0.6))))
+    side = max(2, int(round(min(height, width) * rng.uniform(*DIGIT_SIDE))))
     top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
     alpha = _digit_coverage(digit, side)
     region = (slice(top, top + side), slice(left, left + side))
