@@ -76,9 +76,33 @@ def read_model_proto(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not a readable ONNX model (protobuf parse failed: truncated or another file type?)") from error
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise InputError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
+    _check_text(proto, path)
     _load_external_data(proto, path)
     _check_onnx(proto, path)
     return proto
+
+
+def _check_text(message, path: Path, where: str = "model") -> None:
+    """Refuse text fields (names, attribute strings, external-data entries) that are not UTF-8.
+
+    protobuf hands such fields over as bytes, which every later stage would trip on.
+    """
+    for field, value in message.ListFields():
+        name = f"{where}.{field.name}"
+        repeated = _is_repeated(field)
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING:
+            if any(isinstance(item, bytes) for item in values):
+                raise InputError(f"{path}: not a valid ONNX model: {name} is not UTF-8 text (a corrupt file?)")
+        elif field.type == field.TYPE_MESSAGE:
+            for index, item in enumerate(values):
+                _check_text(item, path, f"{name}[{index}]" if repeated else name)
+
+
+def _is_repeated(field) -> bool:
+    """``FieldDescriptor.is_repeated`` (protobuf >= 6.31; ``label`` is deprecated there), else from ``label``."""
+    repeated = getattr(field, "is_repeated", None)
+    return repeated if isinstance(repeated, bool) else field.label == field.LABEL_REPEATED
 
 
 def _check_onnx(proto: onnx.ModelProto, path: Path) -> None:
@@ -273,7 +297,8 @@ def apply_input_shapes(model: ir.Model, shapes: list[InputShape]) -> None:
         if value.shape is not None:
             if len(value.shape) != len(shape.dims):
                 raise InputError(
-                    f"--input-shape {shape.name}: rank {len(shape.dims)} contradicts the model's {value.shape}"
+                    f"--input-shape {shape.name}: rank {len(shape.dims)} contradicts the model's rank {len(value.shape)} "
+                    f"(shape {_dims_text(tuple(value.shape))})"
                 )
             for mine, theirs in zip(shape.dims, value.shape):
                 if isinstance(theirs, int) and mine is not None and mine != theirs:
@@ -427,6 +452,82 @@ def infer_shapes(model: ir.Model) -> None:
     _check_value_sizes(model)
 
 
+RUN_CHECK_ELEMENTS = 2**26  # inputs larger than this (256 MB of float32) are not test-run at load
+
+
+def _zero_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:
+    """Zeros for every data input at its declared batch (else 1); None when a size is unknown or too large."""
+    feeds = {}
+    for value in data_inputs(model):
+        dims = list(value.shape) if value.shape is not None else None
+        if dims is None or value.dtype is None or not dims or not all(isinstance(d, int) for d in dims[1:]):
+            return None
+        dims[0] = dims[0] if isinstance(dims[0], int) else 1
+        try:
+            dtype = value.dtype.numpy()
+        except (TypeError, ValueError):
+            return None
+        if math.prod(dims) > RUN_CHECK_ELEMENTS or dtype.kind not in "biuf":
+            return None
+        feeds[value.name] = np.zeros(dims, dtype=dtype)
+    return feeds
+
+
+def _session(proto: onnx.ModelProto):
+    from gfcompiler.ort_training import onnxruntime
+
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures are reported (or deliberately ignored) by the caller
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # errors name the model's nodes
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
+_ORT_NODE = re.compile(r"Node \(([^)]*)\) Op \((\w+)\)\s*(.*)")
+_ORT_RUNNING = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)")
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+ \S+\([^)]*\) ")
+
+
+def _onnxruntime_detail(error: BaseException) -> tuple[str, str]:
+    """onnxruntime's status code and its message in the model's terms (``<op> node '<name>': <what>``)."""
+    text = _first_line(error)
+    prefix = _ORT_PREFIX.match(text)
+    code = prefix.group(1) if prefix else ""
+    text = _ORT_SOURCE.sub("", text[prefix.end():] if prefix else text)
+    for pattern, order in ((_ORT_NODE, (1, 0, 2)), (_ORT_RUNNING, (0, 1, 2))):
+        match = pattern.search(text)
+        if match is not None:
+            op_type, name, what = (match.group(i + 1) for i in order)
+            return code, f"{op_type} node {name!r}: {_ERROR_TAG.sub('', what).strip()}"
+    return code, text.strip()
+
+
+def check_model_runs(model: ir.Model) -> None:
+    """Run the model once on zeros (its declared batch, else 1); refuse it when onnxruntime cannot.
+
+    Attributes, shapes and weights that contradict each other in ways neither onnx's checker
+    nor its shape inference sees (a Gemm whose weight does not fit the flattened features)
+    surface here, as one line naming the node, instead of in the generated training graph.
+    Shapes are inferred first on a copy (`infer_shapes`), so windows that do not fit their input
+    are named as such. Skipped when an input size is unknown (``--input-shape`` is then
+    required) or very large.
+    """
+    feeds = _zero_feeds(model)
+    if feeds is None:
+        return
+    proto = ir.serde.serialize_model(model)
+    infer_shapes(ir.serde.deserialize_model(proto))
+    try:
+        _session(proto).run(None, feeds)
+    except Exception as error:  # onnxruntime raises its own exception types per status code
+        code, detail = _onnxruntime_detail(error)
+        if code in ("NOT_IMPLEMENTED", "EP_FAIL"):
+            raise UnsupportedModelError(f"onnxruntime cannot run the model: {detail}") from error
+        raise InputError(f"the model does not run in onnxruntime (zeros at batch "
+                         f"{next(iter(feeds.values())).shape[0]}): {detail}") from error
+
+
 def measure_unknown_conv_inputs(model: ir.Model) -> None:
     """Run the model once at batch 1 to measure conv input shapes inference left unknown.
 
@@ -435,32 +536,20 @@ def measure_unknown_conv_inputs(model: ir.Model) -> None:
     unknown. When the data inputs' non-batch dims are static, one onnxruntime run on
     zeros gives the real shapes; the batch dimension stays symbolic.
     """
-    from gfcompiler.ort_training import onnxruntime
-
-    ort = onnxruntime()
-
     targets = {
         node.inputs[0].name: node.inputs[0]
         for node in model.graph
         if node.op_type == "Conv" and node.inputs[0] is not None
         and (node.inputs[0].shape is None or not all(isinstance(d, int) for d in node.inputs[0].shape[1:]))
     }
-    if not targets:
+    feeds = _zero_feeds(model) if targets else None
+    if feeds is None:
         return
-    feeds = {}
-    for value in data_inputs(model):
-        dims = list(value.shape) if value.shape is not None else None
-        if dims is None or value.dtype is None or not all(isinstance(d, int) for d in dims[1:]):
-            return
-        feeds[value.name] = np.zeros([1, *dims[1:]], dtype=value.dtype.numpy())
     proto = ir.serde.serialize_model(model)
     del proto.graph.output[:]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in targets)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        results = session.run(None, feeds)
+        results = _session(proto).run(None, feeds)
     except Exception:  # the model does not run as is: leave the shapes unknown (layers keep the exact backward)
         return
     for value, array in zip(targets.values(), results):
@@ -477,6 +566,7 @@ def load_model(path: Path, input_shapes: list[InputShape] = ()) -> ir.Model:
     check_input_sizes(model)
     check_float_weights(model)
     check_window_attributes(model)
+    check_model_runs(model)
     if not data_inputs(model):
         raise UnsupportedModelError("model has no data input (every input is an initializer)")
     return model

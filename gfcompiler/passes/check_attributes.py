@@ -7,8 +7,8 @@ error can be reported. So, before shape inference or any onnxruntime session see
 * `check_window_attributes` refuses values that are wrong whatever the input (a kernel, stride
   or dilation below 1, negative pads, lists of the wrong length, a group below 1 or that does
   not divide the weight's output channels, a kernel_shape that contradicts the weight);
-* `check_window_sizes`, once shapes are inferred, refuses a group that does not match the input
-  channels and a window larger than its padded input (an empty output).
+* `check_window_sizes`, once shapes are inferred, refuses an input of the wrong rank, a group
+  that does not match the input channels and a window larger than its padded input (an empty output).
 
 Each refusal is an `InputError` (the model file is invalid), one line naming the node.
 """
@@ -113,6 +113,8 @@ def check_window_attributes(model: ir.Model) -> None:
         auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
         if auto_pad not in AUTO_PADS:
             raise _refusal(node, f"auto_pad={auto_pad!r}: expected one of {', '.join(AUTO_PADS)}")
+        if auto_pad != "NOTSET" and node.attributes.get("pads") is not None:
+            raise _refusal(node, f"has both auto_pad={auto_pad} and pads: only one may say the padding")
         if node.op_type in ("MaxPool", "AveragePool", "LpPool") and node.attributes.get("kernel_shape") is None:
             raise _refusal(node, "no kernel_shape attribute")
         if node.op_type in ("Conv", "ConvTranspose"):
@@ -155,8 +157,11 @@ def check_window_sizes(model: ir.Model) -> None:
     """Refuse windowed nodes that do not fit their (inferred) input: channels vs group, window vs padded size."""
     for node in window_nodes(model):
         x = node.inputs[0] if node.inputs else None
-        if x is None or x.shape is None or len(x.shape) < 3:
+        if x is None or x.shape is None:
             continue
+        rank = _spatial_rank(node)
+        if rank is not None and len(x.shape) != rank + 2:
+            raise _refusal(node, f"its input has rank {len(x.shape)}, a {rank}-D window needs rank {rank + 2} (N, C, spatial)")
         if isinstance(x.shape[1], int):
             _check_channels(node, x.shape[1])
         if node.op_type != "ConvTranspose":
