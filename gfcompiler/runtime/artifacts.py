@@ -13,6 +13,7 @@ ArtifactError with a one-line message. Nothing here imports onnxruntime.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,10 @@ from gfcompiler.manifest import (
     read_manifest,
     sha256_file,
 )
+
+MAX_DIMENSION = 2**31 - 1  # a tensor dimension beyond this is a corrupted manifest, not a model
+NUMERIC_DTYPES = ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64",
+                  "uint8", "uint16", "uint32", "uint64", "bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +147,8 @@ def open_artifacts(directory: str | Path, *, verify: bool = True) -> Artifacts:
         raise ArtifactError(f"{directory} has no {MANIFEST_NAME}: not a gfcompiler artifact directory")
     try:
         manifest = read_manifest(directory)
-    except (OSError, ValueError) as error:
-        raise ArtifactError(f"{directory / MANIFEST_NAME} is unreadable or corrupted ({error})") from None
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: absurdly nested JSON
+        raise ArtifactError(f"{directory / MANIFEST_NAME} is unreadable or corrupted ({_first_line(error)})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{directory / MANIFEST_NAME} is corrupted (not a JSON object)")
     _check_format(directory, manifest)
@@ -189,11 +194,31 @@ def _parse(directory: Path, data: dict) -> Artifacts:
         raise ArtifactError(f"{where} lists no model output")
     if manifest.loss not in LOSSES:
         raise ArtifactError(f"{where} names loss {manifest.loss!r}; this runtime knows {', '.join(LOSSES)}")
+    if not (math.isfinite(manifest.lr_multiplier) and manifest.lr_multiplier > 0):
+        raise ArtifactError(f"{where} is corrupted: optimizer lr_multiplier {manifest.lr_multiplier} is not a positive number")
     if manifest.task not in TASKS:
         raise ArtifactError(f"{where} names task {manifest.task!r}; this runtime knows {', '.join(TASKS)}")
     if any(b.from_input and b.name != manifest.inputs[0].name for b in boundary):
         raise ArtifactError(f"{where} is corrupted: a boundary tensor marked from_input is not the data input")
+    _check_tensors(where, manifest)
     return Artifacts(directory, manifest, _spec(manifest.inputs[0]), _spec(manifest.outputs[0]), _spec(manifest.label))
+
+
+def _check_tensors(where: Path, manifest: Manifest) -> None:
+    """Dimensions are positive and not absurd, dtypes are numeric, the label's dtype suits the loss
+    (class indices for cross-entropy, numbers otherwise); the models must agree (checked by the engines)."""
+    records = [("input", manifest.inputs[0]), ("output", manifest.outputs[0]), ("label", manifest.label),
+               *(("boundary tensor", b) for b in manifest.boundary)]
+    for role, record in records:
+        bad = [d for d in record.shape or () if d is not None and not 0 < d <= MAX_DIMENSION]
+        if bad:
+            raise ArtifactError(f"{where} is corrupted: {role} {record.name!r} has dimension {bad[0]}")
+        if record.dtype is not None and record.dtype not in NUMERIC_DTYPES:
+            raise ArtifactError(f"{where} is corrupted: {role} {record.name!r} has dtype {record.dtype!r}")
+    label = manifest.label.dtype
+    if label is not None and (manifest.loss == "cross_entropy") != label.startswith(("int", "uint")):
+        wanted = "integer class indices" if manifest.loss == "cross_entropy" else "floating-point targets"
+        raise ArtifactError(f"{where} is corrupted: loss {manifest.loss} takes {wanted}, the label is {label}")
 
 
 def _spec(record: TensorRecord) -> TensorRecord:
@@ -261,3 +286,8 @@ def _class_count(manifest: Manifest) -> int:
     axis = 1 if manifest.task == "segmentation" else -1
     classes = shape[axis] if len(shape) > max(axis, 0) else None
     return classes if isinstance(classes, int) and classes > 0 else 1
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else "") or type(error).__name__

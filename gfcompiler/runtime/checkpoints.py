@@ -187,7 +187,7 @@ class RunDir:
             record = json.loads(text)
             name, digest, training = record["checkpoint"], record["sha256"], record["training"]
             found_format = record.get("format")
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
             raise self._bad_record(error) from None
         if not (isinstance(name, str) and isinstance(digest, str) and _is_training_record(training)):
             raise self._bad_record(TypeError("an entry has the wrong type"))
@@ -421,12 +421,13 @@ def _copy_hashed(source: Path, target: Path) -> str:
 
 
 def _is_training_record(training) -> bool:
-    """``training`` is a dict whose position (if any) is a dict of numbers and config (if any) a dict."""
+    """``training`` is a dict whose position (if any) is a dict of non-negative numbers and config (if any)
+    a dict (`gfcompiler.runtime.loop` checks their fields when it resumes)."""
     if not isinstance(training, dict):
         return False
     position, config = training.get("position", {}), training.get("config", {})
     numbers = isinstance(position, dict) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in position.values()
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in position.values()
     )
     return numbers and isinstance(config, dict) and isinstance(training.get("data", {}), dict)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import threading
 import time
@@ -32,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gfcompiler.errors import InputError, OutputError, TrainingError
+from gfcompiler.errors import ArtifactError, InputError, OutputError, TrainingError
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
-from gfcompiler.runtime.checkpoints import CheckpointRecord, RunDir, default_run_dir
+from gfcompiler.runtime.checkpoints import RECORD_NAME, CheckpointRecord, RunDir, default_run_dir
 from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
 from gfcompiler.runtime.losses import class_scores
 from gfcompiler.runtime.metrics import label_classes, predicted_classes
@@ -51,8 +52,26 @@ class _JsonRecord:
 
     @classmethod
     def from_dict(cls, values: dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """ValueError when a known key holds a value of another type than its default's (or a negative count)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in values.items() if k in defaults}
+        for name, value in known.items():
+            if not _fits(value, defaults[name]):
+                raise ValueError(f"{cls.__name__} {name} is {value!r}")
+        return cls(**known)
+
+
+def _fits(value, default) -> bool:
+    """``value`` has the type of ``default`` (None: an optional count); counts are not negative, floats finite."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(default, int) or default is None:
+        return (default is None and value is None) or (isinstance(value, int) and value >= 0)
+    return isinstance(value, type(default))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +203,7 @@ class _Run:
             self.progress.update(status_line(
                 epoch + 1, self.config.epochs, batch + 1, self.batches, position.loss_sum / position.seen,
                 position.correct / position.counted if position.counted else None, samples / max(seconds, 1e-9),
+                accuracy_label="pixel acc" if self.segmentation else "acc",
             ))
             if self.on_step is not None:
                 self.on_step(position, self._last_loss)
@@ -364,7 +384,7 @@ def _train_locked(runs: RunDir, artifacts: Artifacts, data, val, resume: bool, o
             config_values.setdefault("batch_size", artifacts.fixed_batch)
         config, start = TrainConfig(**config_values), Position()
     else:
-        config, start = _resumed_config(record, config_values, progress), Position.from_dict(record.training["position"])
+        config, start = _resumed_config(record, config_values, progress), _stored_position(record)
     train_set = data if isinstance(data, Dataset) else load_dataset(data, artifacts, preprocess)
     val_set = val if val is None or isinstance(val, Dataset) else load_dataset(val, artifacts, preprocess)
     if record is not None and record.training.get("data", {}).get("fingerprint") not in (None, train_set.fingerprint()):
@@ -408,8 +428,25 @@ def _starting_record(runs: RunDir, resume: bool, overwrite: bool) -> CheckpointR
     return None
 
 
+def _stored_position(record: CheckpointRecord) -> Position:
+    try:
+        return Position.from_dict(record.training["position"])
+    except (KeyError, ValueError) as error:
+        raise _corrupted_record(record, error) from None
+
+
+def _corrupted_record(record: CheckpointRecord, error: Exception) -> ArtifactError:
+    return ArtifactError(
+        f"{record.path.parent / RECORD_NAME} is corrupted ({type(error).__name__}: {error}); "
+        "delete the run directory or pass --overwrite to start over"
+    )
+
+
 def _resumed_config(record: CheckpointRecord, given: dict, progress: Progress) -> TrainConfig:
-    stored = TrainConfig.from_dict(record.training.get("config", {}))
+    try:
+        stored = TrainConfig.from_dict(record.training.get("config", {}))
+    except ValueError as error:
+        raise _corrupted_record(record, error) from None
     changed = {k: v for k, v in given.items() if getattr(stored, k) != v}
     for key, value in changed.items():
         progress.message(f"resume: {key} changes from {getattr(stored, key)} to {value}")

@@ -35,13 +35,15 @@ to ``export_model.onnx`` as initializers (gfcompiler.runtime.protowire).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from gfcompiler.errors import ArtifactError, TrainingError
+from gfcompiler.errors import ArtifactError, InputError, TrainingError
+from gfcompiler.manifest import dtype_name
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts
 from gfcompiler.runtime.device import Device
@@ -122,6 +124,9 @@ class OnnxStepEngine:
         _check_inputs(self.eval_session, "eval", eval_inputs)
         _check_outputs(self.step_session, "step", [spec.loss, *(s.updated for s in spec.state)])
         _check_outputs(self.eval_session, "eval", [spec.loss])
+        described = [a.manifest.inputs[0], a.manifest.label, dataclasses.replace(a.manifest.outputs[0], name=spec.output)]
+        _check_described(self.step_session, "step", described)
+        _check_described(self.eval_session, "eval", described)
         return _outputs(self.step_session, spec.output), _outputs(self.eval_session, spec.output)
 
     def _state_types(self) -> dict[str, tuple[np.dtype, list]]:
@@ -162,7 +167,12 @@ class OnnxStepEngine:
         return self._eval_output
 
     def set_learning_rate(self, lr: float) -> None:
-        self._lr = np.array(lr, self._lr_dtype)
+        with np.errstate(over="ignore"):
+            value = np.array(lr, self._lr_dtype)
+        if not np.isfinite(value):
+            raise InputError(f"the learning rate {lr:g} (after manifest.json's lr_multiplier) overflows the step "
+                             f"model's {value.dtype} learning-rate input")
+        self._lr = value
 
     def train(self, feeds: dict) -> tuple[float, np.ndarray | None]:
         """Run step ``steps_taken + 1``; `apply` (or, after a non-finite loss, `discard`) must follow.
@@ -291,6 +301,25 @@ def _check_outputs(session, kind: str, required: list[str]) -> None:
     missing = [name for name in required if name not in found]
     if missing:
         raise ArtifactError(f"the {kind} model does not output {missing[0]!r} named in manifest.json: recompile the model")
+
+
+def _check_described(session, kind: str, records) -> None:
+    """The session's inputs and outputs named by ``records`` (manifest.json's data input, label and
+    output) have exactly the dtype and shape manifest.json says (None: a dynamic dimension): the
+    compiler wrote both from the same graph, so a difference is an edited or corrupted manifest."""
+    args = {arg.name: arg for arg in [*session.get_inputs(), *session.get_outputs()]}
+    for record in records:
+        arg = args.get(record.name)
+        if arg is None:
+            continue
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in arg.shape)
+        fits = record.dtype == dtype_name(arg.type) and record.shape == shape
+        if not fits:
+            found = "×".join("N" if d is None else str(d) for d in shape) + f" {dtype_name(arg.type)}"
+            raise ArtifactError(
+                f"manifest.json describes {record.name!r} as {record.describe()} but the {kind} model's is {found} "
+                "(edited by hand or corrupted): recompile the model"
+            )
 
 
 def _outputs(session, name: str) -> bool:
