@@ -67,15 +67,16 @@ def _terminal_width() -> int:
 
 
 def status_line(
-    epoch: int, epochs: int, batch: int, batches: int, loss: float | None, accuracy: float | None, rate: float
+    epoch: int, epochs: int, batch: int, batches: int, loss: float | None, accuracy: float | None, rate: float,
+    accuracy_label: str = "acc",
 ) -> str:
-    """``epoch 2/5  [ 40/ 90]  loss 0.4123  acc 87.5%  1523 samples/s``"""
+    """``epoch 2/5  [ 40/ 90]  loss 0.4123  acc 87.5%  1523 samples/s`` (segmentation: ``pixel acc``)"""
     width = len(str(batches))
     parts = [f"epoch {epoch}/{epochs}", f"[{batch:>{width}}/{batches}]"]
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
     if accuracy is not None:
-        parts.append(f"acc {100 * accuracy:.1f}%")
+        parts.append(f"{accuracy_label} {100 * accuracy:.1f}%")
     parts.append(f"{rate:.0f} samples/s")
     return "  ".join(parts)
 
