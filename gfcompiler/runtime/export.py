@@ -109,7 +109,12 @@ def verify_export(trainer: ExportSource, model_path: Path) -> float:
     (exported,) = session.run([trainer.artifacts.output.name], {input_names[0]: x})
     eval_loss, expected = trainer.eval_batch(x, labels)
     difference = float(np.max(np.abs(exported - expected))) if exported.size else 0.0
-    if exported.shape != expected.shape or not np.allclose(exported, expected, rtol=RTOL, atol=ATOL):
+    # The two sessions sum in different orders (onnxruntime prepacks and fuses constant
+    # weights differently), a float32 error that follows the size of the sums, not of each
+    # output: near-zero logits of a map whose others are large need an absolute tolerance
+    # relative to the largest output.
+    atol = ATOL + RTOL * (float(np.max(np.abs(expected))) if expected.size else 0.0)
+    if exported.shape != expected.shape or not np.allclose(exported, expected, rtol=RTOL, atol=atol):
         raise ArtifactError(
             f"the exported model's outputs differ from the runtime's eval outputs (max |diff| {difference:.3g})"
         )
