@@ -30,10 +30,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from flwr import __version__ as FLOWER_VERSION  # the test extra installs Flower: fail loudly without it
-from runtime_fixtures import fresh_copy
 
-from gfcompiler.runtime.progress import read_metrics
+if sys.version_info < (3, 11):
+    pytest.skip("Flower 1.42 needs Python >= 3.11 (where the test extra installs it)", allow_module_level=True)
+
+from flwr import __version__ as FLOWER_VERSION  # noqa: E402  (installed by the test extra: fail loudly without it)
+from runtime_fixtures import fresh_copy  # noqa: E402
+
+from gfcompiler.runtime.progress import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PYPROJECT = ROOT / "examples" / "federated" / "pyproject.toml"
