@@ -11,6 +11,13 @@ model all compute the chosen output alone (and only it is exported).
 a model with several and no choice is refused with the list of outputs and their
 shapes; an unknown name is refused with the same list.
 
+Dropping outputs often leaves a ``Split`` with an unused part (a detector head split
+into scores and boxes, boxes dropped). onnxruntime-training's Split gradient
+concatenates the gradients of the used outputs only, so the input's gradient has the
+wrong size and the weights before it get garbage updates.
+`SliceSplitsWithUnusedOutputsPass` replaces such a Split by one ``Slice`` per used
+part (the same values; both backends differentiate Slice exactly).
+
 Invariants kept: topological order (nodes are only removed), unique names (nothing is
 renamed), the chosen output keeps its name.
 """
@@ -18,11 +25,13 @@ renamed), the chosen output keeps its name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from gfcompiler.emit import Emitter, graph_names, insert_before
 from gfcompiler.errors import InputError, UnsupportedModelError
 from gfcompiler.loading import data_inputs
 
@@ -67,6 +76,63 @@ class SelectOutputPass(ir.passes.InPlacePass):
         selected = SelectedOutput(chosen.name, dropped, tuple(value.name for value in unused_inputs),
                                   nodes_before - len(graph))
         return OutputSelectionResult(model, bool(dropped), selected)
+
+
+class SliceSplitsWithUnusedOutputsPass(ir.passes.InPlacePass):
+    """Replace each ``Split`` that has used and unused outputs by Slices of its used parts.
+
+    A Split whose part sizes cannot be known (no ``split`` sizes and an unknown axis
+    length) is left as it is.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        names = graph_names(model.graph)
+        for node in list(model.graph):
+            used = [bool(value.uses()) or value.is_graph_output() for value in node.outputs]
+            if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or all(used) or not any(used):
+                continue
+            sizes = _split_sizes(model, node)
+            if sizes is None:
+                continue
+            _slice_used_parts(model.graph, node, sizes, used, Emitter(ir.tape.Tape(), node.name or "Split", names))
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _split_sizes(model: ir.Model, node: ir.Node) -> list[int] | None:
+    """The length of each part along the split axis, or None when it cannot be known."""
+    opset = node.version if node.version is not None else model.opset_imports.get("", 13)
+    given = node.inputs[1] if len(node.inputs) > 1 else None
+    if given is not None:
+        return [int(size) for size in given.const_value.numpy()] if given.const_value is not None else None
+    if opset < 13 and "split" in node.attributes:
+        return list(node.attributes.get_ints("split"))
+    shape = node.inputs[0].shape
+    axis = node.attributes.get_int("axis", 0)
+    if shape is None or not -len(shape) <= axis < len(shape) or not isinstance(shape[axis], int):
+        return None
+    parts = len(node.outputs)
+    chunk = math.ceil(shape[axis] / parts)  # opset 18's uneven num_outputs: the last part is smaller
+    return [chunk] * (parts - 1) + [shape[axis] - chunk * (parts - 1)]
+
+
+def _slice_used_parts(graph: ir.Graph, split: ir.Node, sizes: list[int], used: list[bool], e: Emitter) -> None:
+    """Put a Slice for each used output of ``split`` before it, then remove it (its unused outputs have no users)."""
+    axis = split.attributes.get_int("axis", 0)
+    ends = [sum(sizes[:index + 1]) for index in range(len(sizes))]
+    parts = {
+        index: e.op("Slice", [split.inputs[0], e.ints(f"start{index}", [ends[index] - sizes[index]]),
+                              e.ints(f"end{index}", [ends[index]]), e.ints(f"axis{index}", [axis])], f"part{index}")
+        for index in range(len(sizes)) if used[index]
+    }
+    insert_before(graph, e.tape, split)
+    for index, part in parts.items():
+        output = split.outputs[index]
+        name, part.shape, part.type = output.name, output.shape, output.type
+        output.replace_all_uses_with(part, replace_graph_outputs=True)
+        output.name, part.name = None, name
+    graph.remove(split, safe=True)
 
 
 def describe_output(value: ir.Value) -> str:
@@ -136,6 +202,7 @@ def select_trained_output(model: ir.Model, name: str | None, progress: Callable[
     """
     chosen = _check_choice(model.graph, name)
     if len(model.graph.outputs) == 1:
+        SliceSplitsWithUnusedOutputsPass()(model)
         _require_batch_first(model)
         return None
     result = SelectOutputPass(chosen)(model)
@@ -143,6 +210,7 @@ def select_trained_output(model: ir.Model, name: str | None, progress: Callable[
     selected = result.selected
     if not data_inputs(model):
         raise UnsupportedModelError(f"output {chosen!r} does not depend on any data input: there is nothing to train")
+    SliceSplitsWithUnusedOutputsPass()(model)
     _require_batch_first(model)
     inputs = f" and input(s) {', '.join(map(repr, selected.dropped_inputs))}" if selected.dropped_inputs else ""
     progress(f"training output {selected.output!r}; dropped output(s) {', '.join(map(repr, selected.dropped_outputs))}"
