@@ -80,10 +80,10 @@ class Settings:
     layers: int = 6
     patches: list[int] = dataclasses.field(default_factory=lambda: [0, 2, 4])
     seeds: int = 3
-    epochs: int = 8
+    epochs: int = 6
     lr: float = 3e-3
     batch_size: int = 16
-    train_images: int = 320
+    train_images: int = 256
     test_images: int = 160
     digits_per_image: int = 3
     pretrain_images: int = 1000
@@ -416,8 +416,11 @@ def finetune_data(settings: Settings, work: Path) -> FinetuneData:
 
 
 def finetune(pretrained: Path, settings: Settings, patch: int, seed: int, data: FinetuneData, work: Path,
-             masks: int) -> dict:
-    """Compile with ``patch`` (0: exact), fine-tune, evaluate on the held-out scenes; the artifacts are deleted."""
+             masks: int, before: bool) -> dict:
+    """Compile with ``patch`` (0: exact), fine-tune, evaluate on the held-out scenes; the artifacts are deleted.
+
+    ``masks``: how many held-out scenes' predicted class maps to return; ``before``: also
+    evaluate the pretrained weights (the same for every r and seed)."""
     from gfcompiler.driver import CompileOptions, compile_model
     from gfcompiler.runtime import Trainer, open_artifacts, train
     from gfcompiler.runtime.data import load_dataset
@@ -428,7 +431,7 @@ def finetune(pretrained: Path, settings: Settings, patch: int, seed: int, data: 
         manifest = compile_model(pretrained, directory, CompileOptions(layers=settings.layers, patch=patch))
         artifacts = open_artifacts(directory)
         test = load_dataset(data.test_npz, artifacts)
-        before = Trainer(artifacts, "cpu", threads=settings.threads).evaluate(test, batch_size=32)
+        initial = Trainer(artifacts, "cpu", threads=settings.threads).evaluate(test, batch_size=32) if before else None
         started = time.perf_counter()
         result = train(artifacts, data.train_npz[seed], epochs=settings.epochs, lr=settings.lr,
                        batch_size=settings.batch_size, schedule="cosine", seed=seed, device="cpu",
@@ -442,7 +445,7 @@ def finetune(pretrained: Path, settings: Settings, patch: int, seed: int, data: 
     totals = manifest["totals"]
     return {
         "seed": seed, "miou": after["mean_iou"], "pixel_accuracy": after["pixel_accuracy"],
-        "class_iou": after["class_iou"], "miou_before": before["mean_iou"], "loss": after["loss"],
+        "class_iou": after["class_iou"], "miou_before": initial and initial["mean_iou"], "loss": after["loss"],
         "step_ms": float(np.mean([record["step_ms"] for record in result.history])), "train_seconds": seconds,
         "filtered_layers": totals["filtered_layers"], "trained_layers": totals["trained_layers"],
         "loss_form": manifest.get("loss_form"), "masks": predicted,
@@ -452,16 +455,19 @@ def finetune(pretrained: Path, settings: Settings, patch: int, seed: int, data: 
 def accuracy_sweep(pretrained: Path, settings: Settings, work: Path) -> tuple[list[dict], dict]:
     """Every r × seed; the per-r summaries and seed 0's predicted class maps of the first plot images."""
     data = finetune_data(settings, work)
-    summaries, masks = [], {}
+    summaries, masks, before = [], {}, None
     for patch in settings.patches:
         runs, refused = [], None
         for seed in range(settings.seeds):
             try:
-                run = finetune(pretrained, settings, patch, seed, data, work, settings.plot_images if seed == 0 else 0)
+                run = finetune(pretrained, settings, patch, seed, data, work, settings.plot_images if seed == 0 else 0,
+                               before=before is None)
             except GfcError as error:
                 refused = str(error)
                 _say(f"  r {patch}: refused: {refused}")
                 break
+            before = run["miou_before"] if before is None else before
+            run["miou_before"] = before
             predicted = run.pop("masks")
             if predicted is not None:
                 masks[patch] = predicted
