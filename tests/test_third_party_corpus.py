@@ -55,7 +55,6 @@ CASES = (
     Case("ppocr_rec_v6", {"input_shapes": _shape("x=N,3,48,160"), "loss": "mse"}),
     Case("layout_picodet", {}, refusal="the model has 8 outputs: 'transpose_0.tmp_0' (1×7600×10)"),
     Case("layout_picodet", {"train_output": "transpose_0.tmp_0", "loss": "mse"}),
-    Case("layout_picodet", {"train_output": "transpose_0.tmp_0", "loss": "mse", "backend": "ort-training"}),
     Case("mtcnn_pnet", {"input_shapes": _shape("input_1=N,12,12,3"), "train_output": "conv2d_4", "loss": "mse"}),
     Case("mtcnn_rnet", {"train_output": "softmax_1"}),
     Case("mtcnn_onet", {}, refusal="the model has 3 outputs: 'dense_5' (?×4), 'dense_6' (?×10), 'softmax_2' (?×2)"),
