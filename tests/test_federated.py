@@ -8,9 +8,11 @@ in a subprocess; the others call the apps' parts directly.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -19,16 +21,20 @@ pytest.importorskip("flwr", reason="the federated extra (flwr) is not installed"
 pytest.importorskip("sklearn", reason="builtin:digits needs scikit-learn")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from gfcompiler.cli import main as gfc  # noqa: E402
 from gfcompiler.errors import InputError, TrainingError  # noqa: E402
-from gfcompiler.federated.client_app import to_array_record, train_round  # noqa: E402
+from gfcompiler.federated.client_app import reply_content, to_array_record, train_round  # noqa: E402
 from gfcompiler.federated.local import client_seed, train_locally  # noqa: E402
 from gfcompiler.federated.partition import client_data, dirichlet_partition, evaluation_data  # noqa: E402
+from gfcompiler.federated.server_app import run_federation  # noqa: E402
 from gfcompiler.federated.settings import FederationConfig  # noqa: E402
 from gfcompiler.federated.strategies import GuardedFedAvg  # noqa: E402
+from gfcompiler.runtime.checkpoints import RunDir  # noqa: E402
 from gfcompiler.runtime.data import load_dataset  # noqa: E402
 from gfcompiler.runtime.loop import TrainConfig, fit  # noqa: E402
+from gfcompiler.runtime.progress import Progress  # noqa: E402
 from gfcompiler.runtime.trainer import Trainer  # noqa: E402
 
 BACKENDS = ["onnx", "ort-training"]
@@ -198,6 +204,81 @@ def test_a_client_with_nan_or_inf_is_dropped_from_the_aggregate_with_a_warning()
     assert "client 3" in warnings[1] and "loss" in warnings[1] and "round 4" in warnings[1]
     with pytest.raises(TrainingError, match="no client returned a usable update"):
         GuardedFedAvg(warn=warnings.append).aggregate_train(5, [_reply(poisoned, 10, 1)])
+
+
+# ----------------------------------------------------------------------------- the server, without an engine
+
+
+class InProcessGrid:
+    """A Grid stand-in for the ServerApp: each pushed message is trained at once by an in-process client
+    (``train_round``, what the ClientApp runs), as Flower's InMemoryGrid would deliver it to a SuperNode."""
+
+    def __init__(self, config: FederationConfig):
+        self.config, self.nodes, self.replies = config, list(range(101, 101 + config.clients)), {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message_id = f"m{len(self.replies)}-{message.metadata.dst_node_id}"
+            partition = self.nodes.index(message.metadata.dst_node_id)
+            update = train_round(self.config, message, partition, len(self.nodes))
+            self.replies[message_id] = Message(content=reply_content(update, partition), reply_to=message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's process-wide task identity, which instruction messages read (a real run sets it)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class StopAfter(Progress):
+    """Progress that records its lines and sets ``stop`` once the line of round ``after`` is printed."""
+
+    def __init__(self, stop: threading.Event, after: int):
+        super().__init__(io.StringIO(), log_every=1e9)
+        self.stop, self.after, self.lines = stop, after, []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+        if text.startswith(f"round {self.after}/"):
+            self.stop.set()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_the_server_saves_each_round_and_a_stop_keeps_the_last_completed_one(compiled, tmp_path, task_identity,
+                                                                             strategy):
+    artifacts = compiled("onnx")
+    config = FederationConfig(str(artifacts), ("builtin:digits",), clients=2, rounds=4, lr=0.01, batch_size=64, strategy=strategy,
+                              run_dir=str(tmp_path / "run"), proximal_mu=0.1)
+    stop = threading.Event()
+    progress = StopAfter(stop, after=2)
+    result = run_federation(InProcessGrid(config), config, progress, stop)
+    assert result.interrupted and [r["round"] for r in result.history] == [0, 1, 2]
+    assert progress.lines[-1] == f"interrupted in round 3/4; the global model of round 2 is {result.checkpoint.path}"
+    tensor_bytes = to_array_record(Trainer(artifacts).trainable_parameters()).count_bytes()
+    for record in result.history[1:]:  # FedAdam's float64 server step is sent back in the model's float32
+        assert record["bytes_sent"] == record["bytes_received"] == 2 * tensor_bytes
+    with RunDir(config.run_path, Trainer(artifacts).artifacts).reading() as saved:
+        assert saved.training["federated"]["round"] == 2
+        trainer = Trainer(artifacts, checkpoint=saved.load_path)
+    scores = trainer.evaluate(evaluation_data(config))
+    assert scores["accuracy"] == result.history[2]["accuracy"] and scores["loss"] == result.history[2]["loss"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert events == ["start", "round", "round", "round", "interrupted"]
 
 
 # ----------------------------------------------------------------------------- gfc federate

@@ -104,7 +104,7 @@ def run_federate(args: argparse.Namespace) -> int:
     from gfcompiler.federated.simulation import federate
 
     result = federate(config, progress, verbose=args.verbose)
-    if result.checkpoint is None:
+    if result.interrupted:
         return EXIT_INTERRUPTED
     progress.message(f"done: {len(result.history) - 1} rounds; global model in {result.checkpoint.path} "
                      "(gfc eval / gfc export read it)")

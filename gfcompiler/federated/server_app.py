@@ -55,21 +55,27 @@ class FederationStopped(GfcError):
 @dataclasses.dataclass
 class FederationResult:
     history: list[dict]  # the ``round`` records, round 0 (the initial model) first
-    checkpoint: CheckpointRecord | None
+    checkpoint: CheckpointRecord | None  # the last completed round's global model
+    interrupted: bool = False
 
 
 def create_server_app(base: FederationConfig | None = None, progress: Progress | None = None,
-                      stop: threading.Event | None = None, results: list | None = None) -> ServerApp:
+                      stop: threading.Event | None = None, results: list | None = None,
+                      finished: threading.Event | None = None) -> ServerApp:
     """A ServerApp running `run_federation` on ``base`` overridden by the run config; ``results``
-    (when given) receives the FederationResult."""
+    (when given) receives the FederationResult, ``finished`` is set when the app's main ends."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = FederationConfig.from_run_config(context.run_config, base)
-        result = run_federation(grid, config, progress or Progress(), stop)
-        if results is not None:
-            results.append(result)
+        try:
+            config = FederationConfig.from_run_config(context.run_config, base)
+            result = run_federation(grid, config, progress or Progress(), stop)
+            if results is not None:
+                results.append(result)
+        finally:
+            if finished is not None:
+                finished.set()
 
     return app
 
@@ -92,9 +98,12 @@ def run_federation(grid, config: FederationConfig, progress: Progress,
         model.metrics.write("start", federation=config.to_run_config(), evaluation=model.evaluation.source,
                             evaluation_samples=len(model.evaluation), parameters=model.parameter_count,
                             tensor_bytes=model.tensor_bytes)
-        strategy.start(grid=StoppableGrid(grid, stop), initial_arrays=to_array_record(model.trainer.trainable_parameters()),
-                       num_rounds=config.rounds, timeout=config.round_timeout,
-                       train_config=ConfigRecord({"local-epochs": config.local_epochs}), evaluate_fn=model.evaluate)
+        try:
+            strategy.start(grid=StoppableGrid(grid, stop), initial_arrays=to_array_record(model.trainer.trainable_parameters()),
+                           num_rounds=config.rounds, timeout=config.round_timeout,
+                           train_config=ConfigRecord({"local-epochs": config.local_epochs}), evaluate_fn=model.evaluate)
+        except FederationStopped:
+            return model.interrupted()
         last = model.history[-1]
         model.metrics.write("end", rounds=last["round"], loss=last["loss"], accuracy=last["accuracy"],
                             bytes_sent=sum(r["bytes_sent"] for r in model.history),
@@ -134,6 +143,15 @@ class GlobalModel:
         self.progress.message(round_line(record, self.config.rounds))
         self._started = time.perf_counter()
         return MetricRecord({k: v for k, v in (("loss", record["loss"]), ("accuracy", record["accuracy"])) if v is not None})
+
+    def interrupted(self) -> FederationResult:
+        """The result of a federation stopped during round ``len(history)``: its model is not saved."""
+        done = self.history[-1]["round"] if self.history else 0
+        self.metrics.write("interrupted", round=done + 1, checkpoint=str(self.checkpoint.path) if self.checkpoint else None)
+        kept = (f"the global model of round {done} is {self.checkpoint.path}" if self.checkpoint else
+                "no round was completed: nothing saved")
+        self.progress.message(f"interrupted in round {done + 1}/{self.config.rounds}; {kept}")
+        return FederationResult(self.history, self.checkpoint, interrupted=True)
 
     def _training_record(self, server_round: int) -> dict:
         c = self.config

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from gfcompiler.errors import TrainingError
@@ -78,6 +78,7 @@ class GuardedStrategy:
                                 + (f" ({len(traffic.failed)} failed: {traffic.failed[0]})" if traffic.failed else
                                    f" ({traffic.dropped} non-finite)"))
         arrays, metrics = super().aggregate_train(server_round, usable)
+        arrays = _in_dtypes_of(arrays, usable[0])
         if metrics is not None and LOSS_KEY in metrics:
             traffic.train_loss = float(metrics[LOSS_KEY])
         return arrays, metrics
@@ -95,6 +96,18 @@ def non_finite(reply: Message) -> str | None:
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"non-finite values in {name!r}"
     return None
+
+
+def _in_dtypes_of(arrays: ArrayRecord | None, reply: Message) -> ArrayRecord | None:
+    """``arrays`` in the dtypes ``reply``'s tensors have (FedAdam's server step computes in float64,
+    which would double the bytes of the next round and is not the model's dtype)."""
+    if arrays is None:
+        return None
+    reference = {name: array.dtype for record in reply.content.array_records.values() for name, array in record.items()}
+    if all(array.dtype == reference.get(name, array.dtype) for name, array in arrays.items()):
+        return arrays
+    return ArrayRecord({name: Array(np.asarray(array.numpy(), dtype=np.dtype(reference.get(name, array.dtype))))
+                        for name, array in arrays.items()})
 
 
 def _client(reply: Message) -> str:
