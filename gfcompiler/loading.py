@@ -509,6 +509,7 @@ def check_model_runs(model: ir.Model) -> None:
     Attributes, shapes and weights that contradict each other in ways neither onnx's checker
     nor its shape inference sees (a Gemm whose weight does not fit the flattened features)
     surface here, as one line naming the node, instead of in the generated training graph.
+    Graph outputs declared with another rank or size than the model computes are refused too.
     Shapes are inferred first on a copy (`infer_shapes`), so windows that do not fit their input
     are named as such. Skipped when an input size is unknown (``--input-shape`` is then
     required) or very large.
@@ -519,13 +520,14 @@ def check_model_runs(model: ir.Model) -> None:
     proto = ir.serde.serialize_model(model)
     infer_shapes(ir.serde.deserialize_model(proto))
     try:
-        _session(proto).run(None, feeds)
+        results = _session(proto).run(None, feeds)
     except Exception as error:  # onnxruntime raises its own exception types per status code
         code, detail = _onnxruntime_detail(error)
         if code in ("NOT_IMPLEMENTED", "EP_FAIL"):
             raise UnsupportedModelError(f"onnxruntime cannot run the model: {detail}") from error
         raise InputError(f"the model does not run in onnxruntime (zeros at batch "
                          f"{next(iter(feeds.values())).shape[0]}): {detail}") from error
+    _check_declared_outputs(model, results)
 
 
 def measure_unknown_conv_inputs(model: ir.Model) -> None:
@@ -557,11 +559,35 @@ def measure_unknown_conv_inputs(model: ir.Model) -> None:
         value.shape = ir.Shape([batch, *array.shape[1:]])
 
 
+def _deserialized(proto: onnx.ModelProto, path: Path) -> ir.Model:
+    """The IR model; what onnx's checker let through but the IR cannot represent (an unknown data type) is refused."""
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as error:  # onnx_ir wraps every failure in SerdeError chains; the innermost cause says what
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise InputError(f"{path}: not a valid ONNX model: {_first_line(cause) or type(cause).__name__}") from error
+
+
+def _check_declared_outputs(model: ir.Model, results: list[np.ndarray]) -> None:
+    """Refuse graph outputs whose declared rank or sizes contradict what the model computes."""
+    for value, array in zip(model.graph.outputs, results):
+        declared = value.shape
+        if declared is None:
+            continue
+        contradicts = len(declared) != array.ndim or any(
+            isinstance(d, int) and d != actual for d, actual in zip(declared, array.shape))
+        if contradicts:
+            raise InputError(f"output {value.name!r} is declared as {_dims_text(tuple(declared)) or 'a scalar'}, "
+                             f"but the model computes {_dims_text(array.shape)} (a corrupt or hand-edited shape?)")
+
+
 def load_model(path: Path, input_shapes: list[InputShape] = ()) -> ir.Model:
     """Read, version-normalize and shape-annotate a model (see the module docstring)."""
     proto = normalize_versions(read_model_proto(path))
     mark_dynamic_dims(proto)
-    model = ir.serde.deserialize_model(proto)
+    model = _deserialized(proto, Path(path))
     apply_input_shapes(model, list(input_shapes))
     check_input_sizes(model)
     check_float_weights(model)
