@@ -250,7 +250,8 @@ def plot(result: dict, path: Path) -> None:
                 label=f"{name}, federated")
         epochs = np.arange(1, len(m["centralized_curve"]) + 1) / s["local_epochs"]
         ax.plot(epochs, [100 * a for a in m["centralized_curve"]], "--", color=colour, label=f"{name}, centralized")
-    ax.set_xlabel(f"round (federated) / epoch ÷ {s['local_epochs']} (centralized)")
+    per_round = "epoch" if s["local_epochs"] == 1 else f"epoch ÷ {s['local_epochs']}"
+    ax.set_xlabel(f"round (federated) / {per_round} (centralized)")
     ax.set_ylabel(f"test accuracy, % ({TEST})")
     ax.set_title(f"{s['clients']} clients, Dirichlet α = {s['alpha']}, FedAvg; mean of {s['seeds']} seed(s)")
     ax.grid(alpha=0.3)
