@@ -6,8 +6,9 @@ Two parts:
   folder (a climbing relative path, an absolute path, a symbolic link), short or missing data
   files, absurd shapes, dynamic dimensions spelled ``-1``/``0``/a symbol/missing, invalid
   Conv/pool attributes; each with its exit code and the words its one-line message must hold;
-* a bounded seeded fuzz: byte flips, truncations and splices of a model file, attribute,
-  input-shape and external-data mutations drawn from a fixed seed (reproducible: the case id
+* a bounded seeded fuzz: byte flips, truncations and splices of a model file, Conv/pool
+  attribute, input-shape and external-data mutations, any node's attributes or inputs,
+  initializers, declared outputs, opset and IR versions, dropped nodes, drawn from a fixed seed (reproducible: the case id
   is the seed), run in-process, plus a few through a subprocess for the real exit code.
 """
 
@@ -30,7 +31,7 @@ from onnx import helper
 from gfcompiler.cli import main
 
 FUZZ_SEED = 13
-FUZZ_CASES = 36  # the whole file stays well under a minute on two cores
+FUZZ_CASES = 40  # the whole file stays well under a minute on two cores
 CASE_SECONDS = 30  # one compile of these tiny models takes about a second
 
 
@@ -211,6 +212,21 @@ def _input_dims(*dims):
     return lambda proto: set_input_dims(proto, list(dims))
 
 
+def _output_dims(*dims):
+    def mutate(proto: onnx.ModelProto) -> None:
+        shape = proto.graph.output[0].type.tensor_type.shape
+        del shape.dim[:]
+        for dim in dims:
+            shape.dim.add().dim_value = dim
+    return mutate
+
+
+def _initializer_type(data_type: int):
+    def mutate(proto: onnx.ModelProto) -> None:
+        proto.graph.initializer[0].data_type = data_type
+    return mutate
+
+
 # name -> (mutation of the mixed CNN, extra arguments, exit code, message fragment)
 MODEL_CASES = {
     "absurd-input-shape": (_input_dims(1, 1, 10**6, 10**6), [], 2,
@@ -245,6 +261,8 @@ MODEL_CASES = {
     "features-do-not-fit-the-head": (_attribute("Conv", 3, "pads", [1, 1, 1, 1]), [], 2,
                                      "the model does not run in onnxruntime (zeros at batch 1): "
                                      "Gemm node '/classifier/classifier.1/Gemm': GEMM: Dimension mismatch"),
+    "output-declared-wrong": (_output_dims(1, 7), [], 2, "output 'logits' is declared as 1,7, but the model computes 1,10"),
+    "unknown-data-type": (_initializer_type(99), [], 2, "not a valid ONNX model: 99 is not a valid DataType"),
 }
 
 
@@ -352,7 +370,40 @@ def mutate_external_entry(proto: onnx.ModelProto, folder: Path, rng: random.Rand
         set_external(tensor, **{key: rng.choice(["-1", "0", "7", "1.5", "", "99999999999999999999", "x"])})
 
 
-FUZZ_KINDS = ("flip", "truncate", "splice", "attribute", "input-shape", "external")
+def mutate_any_node(proto: onnx.ModelProto, rng: random.Random) -> None:
+    """Any node: an existing or a common attribute set to a hostile value, or an input rewired."""
+    node = rng.choice(list(proto.graph.node))
+    if rng.random() < 0.3 and node.input:
+        names = [i.name for i in proto.graph.initializer] + [o for n in proto.graph.node for o in n.output] + ["", "nope"]
+        node.input[rng.randrange(len(node.input))] = rng.choice(names)
+        return
+    names = [a.name for a in node.attribute] or ["axis", "perm", "transB", "alpha", "keepdims"]
+    value = rng.choice([rng.choice(HOSTILE_INTS), [rng.choice(HOSTILE_INTS) for _ in range(rng.randint(1, 5))], 1.5, "x"])
+    set_attribute(node, rng.choice(names), value)
+
+
+def mutate_graph(proto: onnx.ModelProto, rng: random.Random) -> None:
+    """An initializer's dims or data, the declared output, the opset or IR version, or a dropped node."""
+    graph, choice = proto.graph, rng.randrange(5)
+    tensor = rng.choice(list(graph.initializer))
+    if choice == 0:
+        dims = list(tensor.dims) or [1]
+        dims[rng.randrange(len(dims))] = rng.choice(HOSTILE_INTS)
+        del tensor.dims[:]
+        tensor.dims.extend(dims)
+    elif choice == 1:
+        tensor.raw_data = tensor.raw_data[: rng.randrange(len(tensor.raw_data) + 1)]
+        tensor.data_type = rng.choice([tensor.data_type, 0, 7, 10, 99])
+    elif choice == 2:
+        _output_dims(*[rng.choice([-1, 0, 1, 7, 10]) for _ in range(rng.randint(0, 4))])(proto)
+    elif choice == 3:
+        proto.opset_import[0].version = rng.choice([1, 9, 11, 12, 20, 22, 99])
+        proto.ir_version = rng.choice([proto.ir_version, 3, 11, 99])
+    else:
+        del graph.node[rng.randrange(len(graph.node))]
+
+
+FUZZ_KINDS = ("flip", "truncate", "splice", "attribute", "input-shape", "external", "any-node", "graph")
 
 
 def make_fuzz_case(seed: int, folder: Path, external_model: Path, mixed_model: Path) -> tuple[Path, list[str]]:
@@ -373,6 +424,10 @@ def make_fuzz_case(seed: int, folder: Path, external_model: Path, mixed_model: P
     proto = onnx.load(str(mixed_model))
     if kind == "attribute":
         mutate_window_attribute(proto, rng)
+    elif kind == "any-node":
+        mutate_any_node(proto, rng)
+    elif kind == "graph":
+        mutate_graph(proto, rng)
     else:
         extra = mutate_input_shape(proto, rng)
     path = folder / "model.onnx"
