@@ -3,9 +3,10 @@
 Each model (fetched by `models.packaged_onnx`, never committed) is compiled once with the
 flags a user would need (``--input-shape`` where the spatial dims are dynamic,
 ``--train-output`` where there are several outputs, a loss that fits the output) and then
-either takes one training step on a random batch with a finite loss, or is refused with a
-one-line `UnsupportedModelError` naming the model's obstacle (asserted below, so a new
-refusal fails the test instead of hiding). Run as a script for the corpus table:
+either takes one training step on a random batch with a finite loss, or is refused in one
+line naming the model's obstacle, with exit code 3 (`UnsupportedModelError`) or 2 for a
+file that contradicts itself (`InputError`); each refusal is asserted below, so a new one
+fails the test instead of hiding. Run as a script for the corpus table:
 
     python tests/test_third_party_corpus.py     # model, package, size, result, seconds
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
 from gfcompiler.driver import CompileOptions, compile_model  # noqa: E402
-from gfcompiler.errors import UnsupportedModelError  # noqa: E402
+from gfcompiler.errors import InputError, UnsupportedModelError  # noqa: E402
 from gfcompiler.loading import InputShape  # noqa: E402
 
 
@@ -35,6 +36,7 @@ class Case:
     model: str  # a key of models.PACKAGED_MODELS
     options: dict  # CompileOptions fields beyond the defaults
     refusal: str | None = None  # None: compiles and trains; else a fragment of the one-line refusal
+    exit_code: int = UnsupportedModelError.exit_code  # of the refusal: 3, a model obstacle; 2, a bad model file
     bug: str | None = None  # a known compiler failure (an xfail that must fail until fixed)
 
     @property
@@ -61,8 +63,8 @@ CASES = (
     Case("mtcnn_onet", {"train_output": "dense_6", "loss": "mse"}),
     Case("captcha_crnn", {"loss": "mse"}, refusal="output 'logits' (20×?×37) has the batch 'batch' of input 'image' on axis 1"),
     Case("ddddocr_det", {"loss": "mse"}),
-    Case("ddddocr_ocr", {"input_shapes": _shape("input1=1,1,64,128"), "loss": "mse"},
-         refusal="no gradient rule for op LSTM"),
+    Case("ddddocr_ocr", {"input_shapes": _shape("input1=1,1,64,128"), "loss": "mse"}, exit_code=InputError.exit_code,
+         refusal="output '387' is declared as 1,?, but the model computes 16,1,8210"),  # then: LSTM has no gradient
     Case("ddddocr_ocr_int8", {"input_shapes": _shape("input1=1,1,64,128")}, refusal="quantized model (ConvInteger)"),
     Case("silero_vad_lstm", {"train_output": "output", "loss": "bce"}, refusal="no gradient rule for op LSTM"),
     Case("silero_vad", {"train_output": "output", "loss": "bce"},
@@ -83,15 +85,15 @@ def random_batch(manifest: dict, classes_axis: int = 1) -> tuple[np.ndarray, np.
 
 
 def compile_and_step(case: Case, workdir: Path) -> str:
-    """``ok: ... loss L`` after one training step, or ``refused: <message>``; anything else raises."""
+    """``ok: ... loss L`` after one training step, or ``refused (exit N): <message>``; anything else raises."""
     from gfcompiler.runtime import Trainer
 
     path = models.packaged_onnx(models.PACKAGED_MODELS[case.model])
     try:
         manifest = compile_model(path, workdir / "out", CompileOptions(**case.options))
-    except UnsupportedModelError as error:
+    except (InputError, UnsupportedModelError) as error:
         assert "\n" not in str(error) and not (workdir / "out").exists()
-        return f"refused: {error}"
+        return f"refused (exit {error.exit_code}): {error}"
     loss = Trainer(workdir / "out").step(*random_batch(manifest))
     assert np.isfinite(loss), loss
     totals = manifest["totals"]
@@ -114,7 +116,7 @@ def test_third_party_model(tmp_path, case):
     if case.refusal is None:
         assert result.startswith("ok"), result
     else:
-        assert result.startswith("refused") and case.refusal in result, result
+        assert result.startswith(f"refused (exit {case.exit_code})") and case.refusal in result, result
 
 
 def main() -> None:
