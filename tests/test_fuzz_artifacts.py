@@ -207,8 +207,22 @@ def test_mutated_manifest_grid(base, tmp_path):
     check_cases(manifest_grid(), base["onnx"], base["data"], tmp_path, rotate=True)
 
 
+EXPECTED_REFUSALS = {  # case / command: (exit code, a fragment of the message)
+    "manifest backend tensorflow / train": (5, "names backend 'tensorflow'"),
+    "manifest task detection / eval": (5, "names task 'detection'"),
+    "manifest files.step_model absolute / export": (5, "plain names inside"),
+    "manifest files.state outside / train": (5, "plain names inside"),
+    "manifest inputs.0.shape huge / eval": (5, "has dimension 1000000000000"),
+    "manifest outputs.0.shape classes 3 / export": (5, "describes 'logits' as N×3 float32 but the step model's is N×10"),
+    "manifest deeply nested / eval": (5, "unreadable or corrupted"),
+    "manifest optimizer.lr_multiplier nan / train": (5, "lr_multiplier nan is not a positive number"),
+}
+
+
 def test_hostile_manifests(base, tmp_path):
-    check_cases(manifest_cases(), base["onnx"], base["data"], tmp_path)
+    outcomes = check_cases(manifest_cases(), base["onnx"], base["data"], tmp_path)
+    for case, (code, fragment) in EXPECTED_REFUSALS.items():
+        assert outcomes[case].startswith(f"{code}: gfc: error: ") and fragment in outcomes[case], (case, outcomes[case])
 
 
 # ---------------------------------------------------------------- model files and the initial state
@@ -451,6 +465,15 @@ def test_hostile_data_files(base, tmp_path):
                 failures.append(f"{name} / {command}: {found}")
     assert not failures, "\n".join(failures)
     assert not tripwire.exists(), "a runtime loader unpickled an object array"
+
+
+def test_the_tripwire_fires_when_unpickled(tmp_path):
+    """So that its silence in test_hostile_data_files means something."""
+    tripwire, data = tmp_path / "unpickled", tmp_path / "trap.npz"
+    data_cases(tripwire)["pickled object labels"](data)
+    with np.load(data, allow_pickle=True) as archive:
+        archive["y"]
+    assert tripwire.exists()
 
 
 def test_runtime_never_unpickles():

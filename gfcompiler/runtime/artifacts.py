@@ -179,6 +179,9 @@ def _parse(directory: Path, data: dict) -> Artifacts:
     missing_keys = [key for key in _required_files(backend, form) if key not in manifest.files]
     if missing_keys:
         raise ArtifactError(f"{where} names no file for {', '.join(missing_keys)}")
+    for key, name in manifest.files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(f"{where} names {name!r} for {key}: artifact files are plain names inside {directory}")
     if backend == BACKEND_ONNX and step is None:
         raise ArtifactError(f"{where} is corrupted or incomplete (bad or missing key 'step')")
     forms = ("step_model",) if backend == BACKEND_ONNX else ("single_graph", "two_stage")
@@ -207,6 +210,8 @@ def _parse(directory: Path, data: dict) -> Artifacts:
 def _check_tensors(where: Path, manifest: Manifest) -> None:
     """Dimensions are positive and not absurd, dtypes are numeric, the label's dtype suits the loss
     (class indices for cross-entropy, numbers otherwise); the models must agree (checked by the engines)."""
+    if manifest.inputs[0].shape is None:
+        raise ArtifactError(f"{where} is corrupted: input {manifest.inputs[0].name!r} has no shape")
     records = [("input", manifest.inputs[0]), ("output", manifest.outputs[0]), ("label", manifest.label),
                *(("boundary tensor", b) for b in manifest.boundary)]
     for role, record in records:

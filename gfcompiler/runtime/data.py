@@ -671,13 +671,13 @@ def _check_labels(y: np.ndarray, artifacts: Artifacts, where: str) -> np.ndarray
     if artifacts.loss == "cross_entropy":
         if y.ndim != 1 or (y.dtype.kind not in "iu" and not _integral(y)):
             raise InputError(f"{where}: y is {_shape(y)} {y.dtype}; the model takes class indices (N int64)")
-        y = y.astype(np.int64)
         classes = artifacts.num_classes
-        if classes is not None and (y.min() < 0 or y.max() >= classes):
+        low, high = y.min(), y.max()  # before the cast to int64, which would wrap uint64 or huge float labels
+        if classes is not None and (low < 0 or high >= classes):
             raise InputError(
-                f"{where}: labels range over {y.min()}..{y.max()}; the model has {classes} classes (0..{classes - 1})"
+                f"{where}: labels range over {low}..{high}; the model has {classes} classes (0..{classes - 1})"
             )
-        return y
+        return y.astype(np.int64)
     if y.ndim != len(label.shape) or any(
         want is not None and got != want for got, want in zip(y.shape[1:], label.shape[1:])
     ):
