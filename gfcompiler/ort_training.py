@@ -114,10 +114,14 @@ def onnxblock() -> types.ModuleType:
 
 
 _ORT_PREFIX = re.compile(r"^.*?\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*", re.DOTALL)
+# "/onnxruntime_src/onnxruntime/core/graph/model.cc:165 onnxruntime::Model::Model(onnx::ModelProto&&, ...) "
+_ORT_SOURCE_LOCATION = re.compile(r"/?onnxruntime_src/\S+:\d+\s+(?:[\w:~<>]+\([^()]*\)\s*)?")
 
 
 def error_message(error: BaseException) -> str:
-    """onnxruntime's exception text without its source-location prefix, on one line."""
+    """onnxruntime's exception text without its source-location prefixes (and the C++ function they
+    name), on one line."""
     text = _ORT_PREFIX.sub("", str(error)).strip()
+    text = _ORT_SOURCE_LOCATION.sub(" ", text)
     text = " ".join(text.split())
     return text or type(error).__name__

@@ -55,6 +55,8 @@ def problem(code: int, err: str, output: Path | None = None) -> str | None:
     """What is wrong with one run's outcome (None when it behaved)."""
     if "Traceback" in err or "internal error" in err:
         return f"exit {code}: {err.strip()[-300:]}"
+    if "onnxruntime_src" in err:  # a library's source location: the message is not in the model's terms
+        return f"exit {code}, onnxruntime's raw text: {err.strip()[-300:]}"
     if code not in ALLOWED_EXIT_CODES:
         return f"exit {code} not in {sorted(ALLOWED_EXIT_CODES)}: {err.strip()[-300:]}"
     if code != 0:
