@@ -56,7 +56,8 @@ def add_command(subparsers) -> None:
     parser.add_argument("--val-data", help="the server's held-out evaluation data (default: see above)")
     parser.add_argument("--run-dir", help="global checkpoint and metrics (default: ARTIFACTS/run)")
     parser.add_argument("--overwrite", action="store_true", help="discard the run directory's checkpoint and start over")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads per client (default: onnxruntime's choice)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime threads per client (default: the cores shared by the clients running at once)")
     parser.add_argument("--quiet", action="store_true", help="no per-round output")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     parser.set_defaults(handler=run_federate)
@@ -106,7 +107,7 @@ def run_federate(args: argparse.Namespace) -> int:
     result = federate(config, progress, verbose=args.verbose)
     if result.interrupted:
         return EXIT_INTERRUPTED
-    progress.message(f"done: {len(result.history) - 1} rounds; global model in {result.checkpoint.path} "
+    progress.message(f"done: {len(result.history) - 1} round(s); global model in {result.checkpoint.path} "
                      "(gfc eval / gfc export read it)")
     return 0
 

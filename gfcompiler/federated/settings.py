@@ -74,7 +74,8 @@ class FederationConfig:
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise InputError(f"--proximal-mu must be a number >= 0, got {self.proximal_mu}")
         if not 0 <= self.min_clients <= self.clients:
-            raise InputError(f"--min-clients must be between 1 and --clients ({self.clients}), got {self.min_clients}")
+            raise InputError(f"min-clients must be between 0 (every client) and clients ({self.clients}), "
+                             f"got {self.min_clients}")
         if any(DATA_SEPARATOR in source for source in self.data):
             raise InputError(f"a --data source may not contain {DATA_SEPARATOR!r}")
         return self

@@ -2,7 +2,8 @@
 
 `federate` runs `flwr.simulation.run_simulation` (Ray as the backend): the ServerApp in a
 thread of this process, each of the K virtual SuperNodes' ClientApp in a pool of Ray
-actors (one CPU each, at most as many actors as cores). Flower deprecates
+actors (one CPU each, at most as many actors as cores; without ``--threads`` each
+client's onnxruntime gets cores / actors threads). Flower deprecates
 ``run_simulation`` in favour of ``flwr run`` against a SuperLink (the deployment
 engine, which runs the very same apps from their pyproject); it is the one in-process
 entry point, and Flower's deprecation notice is silenced with Flower's other logs
@@ -19,6 +20,7 @@ end), and the federation ends; ``gfc`` exits 130. A second Ctrl-C aborts at once
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -39,13 +41,16 @@ def federate(config: FederationConfig, progress: Progress | None = None, *, verb
     """Run the federation ``config`` describes; the result of its ServerApp."""
     progress = progress or Progress()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning about num_gpus=0
-    stop, finished, results = threading.Event(), threading.Event(), []
-    server = create_server_app(config, progress, stop, results, finished)
-    client = create_client_app(config)
-    actors = max(1, min(config.clients, os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
+    actors = max(1, min(config.clients, cores))
+    if not config.threads:  # the actors share the cores: onnxruntime's default would take them all in each
+        config = dataclasses.replace(config, threads=max(1, cores // actors))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": actors, "num_gpus": 0, "log_to_driver": verbose,
                              "logging_level": logging.INFO if verbose else logging.ERROR}}
+    stop, finished, results = threading.Event(), threading.Event(), []
+    server = create_server_app(config, progress, stop, results, finished)
+    client = create_client_app(config)
     failures: list[BaseException] = []
 
     def simulate() -> None:
