@@ -94,7 +94,7 @@ def _silent(_: str) -> None:
 def prepare_model(model_path: Path, options: CompileOptions, progress: Progress = _silent) -> tuple[ir.Model, Selection]:
     """Stages 1–3: the canonical, shape-annotated model and its layer selection."""
     progress(f"loading {model_path}")
-    model = load_model(Path(model_path), options.input_shapes)
+    model = load_model(Path(model_path), options.input_shapes, progress)
     progress("canonicalizing (constants, Dropout/Identity, BatchNorm folding)")
     for canonical_pass in canonicalization_passes():
         canonical_pass(model)

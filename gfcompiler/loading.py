@@ -18,6 +18,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -455,6 +456,10 @@ def infer_shapes(model: ir.Model) -> None:
 RUN_CHECK_ELEMENTS = 2**26  # inputs larger than this (256 MB of float32) are not test-run at load
 
 
+def _ignore(_: str) -> None:
+    pass
+
+
 def _zero_feeds(model: ir.Model) -> dict[str, np.ndarray] | None:
     """Zeros for every data input at its declared batch (else 1); None when a size is unknown or too large."""
     feeds = {}
@@ -503,13 +508,14 @@ def _onnxruntime_detail(error: BaseException) -> tuple[str, str]:
     return code, text.strip()
 
 
-def check_model_runs(model: ir.Model) -> None:
+def check_model_runs(model: ir.Model, warn: Callable[[str], None] = _ignore) -> None:
     """Run the model once on zeros (its declared batch, else 1); refuse it when onnxruntime cannot.
 
     Attributes, shapes and weights that contradict each other in ways neither onnx's checker
     nor its shape inference sees (a Gemm whose weight does not fit the flattened features)
     surface here, as one line naming the node, instead of in the generated training graph.
-    Graph outputs declared with another rank or size than the model computes are refused too.
+    Graph-output shapes declared with another rank or size than the model computes are dropped
+    (shape inference then gives the computed ones).
     Shapes are inferred first on a copy (`infer_shapes`), so windows that do not fit their input
     are named as such. Skipped when an input size is unknown (``--input-shape`` is then
     required) or very large.
@@ -527,7 +533,7 @@ def check_model_runs(model: ir.Model) -> None:
             raise UnsupportedModelError(f"onnxruntime cannot run the model: {detail}") from error
         raise InputError(f"the model does not run in onnxruntime (zeros at batch "
                          f"{next(iter(feeds.values())).shape[0]}): {detail}") from error
-    _check_declared_outputs(model, results)
+    _forget_wrong_output_shapes(model, results, warn)
 
 
 def measure_unknown_conv_inputs(model: ir.Model) -> None:
@@ -570,21 +576,23 @@ def _deserialized(proto: onnx.ModelProto, path: Path) -> ir.Model:
         raise InputError(f"{path}: not a valid ONNX model: {_first_line(cause) or type(cause).__name__}") from error
 
 
-def _check_declared_outputs(model: ir.Model, results: list[np.ndarray]) -> None:
-    """Refuse graph outputs whose declared rank or sizes contradict what the model computes."""
+def _forget_wrong_output_shapes(model: ir.Model, results: list[np.ndarray], warn: Callable[[str], None]) -> None:
+    """Drop (with a warning) graph-output shapes whose declared rank or sizes contradict what the model computes.
+
+    Real exporters write such shapes (ddddocr's OCR declares 1×? for a T×N×C output) and
+    onnxruntime only warns; shape inference then gives the computed shape instead.
+    """
     for value, array in zip(model.graph.outputs, results):
         declared = value.shape
-        if declared is None:
-            continue
-        contradicts = len(declared) != array.ndim or any(
-            isinstance(d, int) and d != actual for d, actual in zip(declared, array.shape))
-        if contradicts:
-            raise InputError(f"output {value.name!r} is declared as {_dims_text(tuple(declared)) or 'a scalar'}, "
-                             f"but the model computes {_dims_text(array.shape)} (a corrupt or hand-edited shape?)")
+        if declared is not None and (len(declared) != array.ndim or any(
+                isinstance(d, int) and d != actual for d, actual in zip(declared, array.shape))):
+            warn(f"warning: output {value.name!r} is declared as {_dims_text(tuple(declared)) or 'a scalar'}, but the "
+                 f"model computes {_dims_text(array.shape)} (run on zeros); the computed shape is used")
+            value.shape = None
 
 
-def load_model(path: Path, input_shapes: list[InputShape] = ()) -> ir.Model:
-    """Read, version-normalize and shape-annotate a model (see the module docstring)."""
+def load_model(path: Path, input_shapes: list[InputShape] = (), warn: Callable[[str], None] = _ignore) -> ir.Model:
+    """Read, version-normalize and check a model (see the module docstring); ``warn`` gets ``warning: ...`` lines."""
     proto = normalize_versions(read_model_proto(path))
     mark_dynamic_dims(proto)
     model = _deserialized(proto, Path(path))
@@ -592,7 +600,7 @@ def load_model(path: Path, input_shapes: list[InputShape] = ()) -> ir.Model:
     check_input_sizes(model)
     check_float_weights(model)
     check_window_attributes(model)
-    check_model_runs(model)
+    check_model_runs(model, warn)
     if not data_inputs(model):
         raise UnsupportedModelError("model has no data input (every input is an initializer)")
     return model

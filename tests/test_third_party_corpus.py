@@ -63,8 +63,8 @@ CASES = (
     Case("mtcnn_onet", {"train_output": "dense_6", "loss": "mse"}),
     Case("captcha_crnn", {"loss": "mse"}, refusal="output 'logits' (20×?×37) has the batch 'batch' of input 'image' on axis 1"),
     Case("ddddocr_det", {"loss": "mse"}),
-    Case("ddddocr_ocr", {"input_shapes": _shape("input1=1,1,64,128"), "loss": "mse"}, exit_code=InputError.exit_code,
-         refusal="output '387' is declared as 1,?, but the model computes 16,1,8210"),  # then: LSTM has no gradient
+    # declares its output 1×? but computes 16×1×8210 (a warning; the computed shape is used)
+    Case("ddddocr_ocr", {"input_shapes": _shape("input1=1,1,64,128"), "loss": "mse"}, refusal="no gradient rule for op LSTM"),
     Case("ddddocr_ocr_int8", {"input_shapes": _shape("input1=1,1,64,128")}, refusal="quantized model (ConvInteger)"),
     Case("silero_vad_lstm", {"train_output": "output", "loss": "bce"}, refusal="no gradient rule for op LSTM"),
     Case("silero_vad", {"train_output": "output", "loss": "bce"},
