@@ -60,7 +60,7 @@ from gfcompiler.passes.gradient_support import DecomposeGradientlessOpsPass
 from gfcompiler.passes.output_head import META_KEY as STRIPPED_SOFTMAX_KEY
 from gfcompiler.passes.output_head import strip_softmax_for_loss
 from gfcompiler.passes.output_select import META_KEY as SELECTED_OUTPUT_KEY
-from gfcompiler.passes.output_select import select_trained_output
+from gfcompiler.passes.output_select import describe_value, select_trained_output
 from gfcompiler.passes.training_cleanup import CoupledWeightDecayPass, DropUnusedMaxPoolIndicesPass
 from gfcompiler.selection import Selection, parse_layers, select_layers, untie_frozen_uses
 
@@ -101,6 +101,7 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
     infer_shapes(model)
     select_trained_output(model, options.train_output, progress)  # the others dropped; result in model.meta
     strip_softmax_for_loss(model, options.loss, options.keep_softmax, progress)  # result in model.meta
+    _require_one_data_input(model)
     _require_spatial_sizes(model)
     measure_unknown_conv_inputs(model)
     layers = parse_layers(options.layers) if isinstance(options.layers, str) else options.layers  # None: default
@@ -111,6 +112,17 @@ def prepare_model(model_path: Path, options: CompileOptions, progress: Progress 
     # Nodes and parameters changed; recompute the selection on the rewritten graph.
     selection = select_layers(model.graph, layers)
     return model, selection
+
+
+def _require_one_data_input(model: ir.Model) -> None:
+    """The runtime feeds one data tensor per step; a model with more inputs (recurrent state, a sample rate) is refused."""
+    inputs = data_inputs(model)
+    if len(inputs) > 1:
+        listed = ", ".join(describe_value(value) for value in inputs)
+        raise UnsupportedModelError(
+            f"the model has {len(inputs)} data inputs: {listed}; gfcompiler trains models with one data input "
+            "(make the others constants or initializers before compiling)"
+        )
 
 
 def _require_spatial_sizes(model: ir.Model) -> None:

@@ -112,10 +112,7 @@ def differentiate(
             continue
         rule = overrides.get(node) or (rules.get(node.op_type) if node.domain in ("", "ai.onnx") else None)
         if rule is None:
-            raise UnsupportedModelError(
-                f"no gradient rule for op {node.op_type} (node {node.name or '?'}) in the trained region; "
-                "train fewer layers (--layers) so it stays frozen"
-            )
+            raise UnsupportedModelError(_no_rule_message(graph, node))
         start = len(emitter.tape.nodes)
         layer = node.name or node.op_type
         context = GradContext(node, emitter.child(f"{layer}/grad", layer=layer, phase="backward"), needs)
@@ -135,3 +132,13 @@ def differentiate(
             grad = emitter.const(f"{param.name}/zero_grad", np.zeros(tuple(param.shape), np.float32))
         gradients[param] = grad
     return Gradients(gradients, emitted, needs_of)
+
+
+def _no_rule_message(graph: ir.Graph, node: ir.Node) -> str:
+    """Why ``node`` stops the backward, and whether training fewer layers can avoid it."""
+    where = f"no gradient rule for op {node.op_type} (node {node.name or '?'}) in the trained region"
+    nodes = list(graph)
+    if any(later.op_type == "Conv" for later in nodes[nodes.index(node) + 1:]):
+        return f"{where}; train fewer layers (--layers) so it stays frozen"
+    return (f"{where}; it lies between the last conv and the output, so every trained layer's gradient "
+            "would pass through it and no --layers choice avoids it")

@@ -83,6 +83,10 @@ def loss_form(kind: str, output: ir.Value, ignore_index: int | None = None) -> L
         raise UnsupportedModelError(
             f"cross_entropy needs N×classes logits (or N×classes×H×W for per-pixel labels), the model output "
             f"{output.name!r} has shape {_dims_text(dims)}")
+    if kind == "cross_entropy" and channels == 1:
+        raise UnsupportedModelError(
+            f"cross_entropy over one class is always 0: the model output {output.name!r} is {_dims_text(dims)}; "
+            "train a one-channel output (a binary mask or score) with --loss bce")
     if ignore_index is not None and not (kind == "cross_entropy" and per_pixel):
         raise InputError(f"--ignore-index applies to per-pixel cross_entropy (an N×C×H×W output) only; "
                          f"the model output {output.name!r} is {_dims_text(dims)} with --loss {kind}")

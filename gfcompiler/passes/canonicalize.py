@@ -162,12 +162,29 @@ class BatchNormToAffinePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class IdentityEliminationPass(common_passes.IdentityEliminationPass):
+    """onnx_ir's Identity elimination, except where a graph's output would become another graph's value.
+
+    An If/Loop branch often returns an outer-scope value through an Identity (Silero VAD's
+    decoder does); onnx_ir would make that outer value the branch's output, which its
+    graph containers refuse. Such Identities are kept: they cost nothing at run time.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and len(node.inputs) == 1 and node.inputs[0] is not None:
+            source, result = node.inputs[0], node.outputs[0]
+            producer = source.producer()
+            if result.is_graph_output() and (source.is_graph_output() or producer is None or producer.graph is not node.graph):
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 def canonicalization_passes() -> tuple[ir.passes.PassBase, ...]:
     """The canonicalization pipeline, in order (read top to bottom)."""
     return (
         FoldConstantOfShapePass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
-        common_passes.IdentityEliminationPass(),
+        IdentityEliminationPass(),
         RemoveDropoutPass(),
         FoldBatchNormIntoConvPass(),
         BatchNormToAffinePass(),

@@ -135,8 +135,8 @@ def _slice_used_parts(graph: ir.Graph, split: ir.Node, sizes: list[int], used: l
     graph.remove(split, safe=True)
 
 
-def describe_output(value: ir.Value) -> str:
-    """``'name' (1×3×?×?)``: an output with its shape, ``?`` for a dynamic dim."""
+def describe_value(value: ir.Value) -> str:
+    """``'name' (1×3×?×?)``: a graph input or output with its shape, ``?`` for a dynamic dim."""
     if value.shape is None:
         return f"{value.name!r} (shape unknown)"
     dims = "×".join(str(dim) if isinstance(dim, int) else "?" for dim in value.shape)
@@ -144,7 +144,7 @@ def describe_output(value: ir.Value) -> str:
 
 
 def _listing(graph: ir.Graph) -> str:
-    return ", ".join(describe_output(value) for value in graph.outputs)
+    return ", ".join(describe_value(value) for value in graph.outputs)
 
 
 def _check_choice(graph: ir.Graph, name: str | None) -> str:
@@ -180,7 +180,7 @@ def _batch_axis_reason(model: ir.Model, output: ir.Value) -> str | None:
     axes = [axis for axis, dim in enumerate(output.shape) if not isinstance(dim, int) and dim.value == batch.value]
     if not axes or 0 in axes:
         return None
-    return (f"output {describe_output(output)} has the batch {batch.value!r} of input {inputs[0].name!r} on axis "
+    return (f"output {describe_value(output)} has the batch {batch.value!r} of input {inputs[0].name!r} on axis "
             f"{axes[0]}, not axis 0, where the loss and the runtime take the samples (a time-major sequence "
             "output needs a Transpose at the end of the model)")
 
