@@ -239,15 +239,8 @@ def load_image_folder(path: Path, artifacts: Artifacts, preprocess: Preprocess) 
         for file in sorted((path / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with image_module.open(file) as image:
-                    image = image.convert(mode)
-                    if size is not None:
-                        image = image.resize((size[1], size[0]), image_module.Resampling.BILINEAR)
-                    array = np.asarray(image, dtype=np.float32)
-            except (OSError, ValueError) as error:
-                raise InputError(f"cannot read image {file} ({error})") from None
-            samples.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+            with _opened(image_module, file) as image:
+                samples.append(_image_array(image_module, image, mode, size, file))
             labels.append(index)
     if not samples:
         raise InputError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
