@@ -337,9 +337,9 @@ def check_input_sizes(model: ir.Model) -> None:
     for value in data_inputs(model):
         if value.shape is not None and _elements_per_sample(value.shape) > MAX_ELEMENTS:
             raise InputError(
-                f"input {value.name!r} declares shape {_dims_text(tuple(value.shape))}: "
+                f"input {value.name!r} has shape {_dims_text(tuple(value.shape))}: "
                 f"{_elements_per_sample(value.shape):.3g} elements per sample, more than gfc accepts "
-                f"({MAX_ELEMENTS}; a corrupt or mistyped shape?); fix it with --input-shape {value.name}=N,C,H,W"
+                f"({MAX_ELEMENTS}; a corrupt or mistyped shape?); give the real one with --input-shape {value.name}=N,C,H,W"
             )
 
 

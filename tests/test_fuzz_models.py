@@ -231,7 +231,7 @@ def _initializer_type(data_type: int):
 # name -> (mutation of the mixed CNN, extra arguments, exit code, message fragment)
 MODEL_CASES = {
     "absurd-input-shape": (_input_dims(1, 1, 10**6, 10**6), [], 2,
-                           "input 'input' declares shape 1,1,1000000,1000000: 1e+12 elements per sample"),
+                           "input 'input' has shape 1,1,1000000,1000000: 1e+12 elements per sample"),
     "absurd-input-shape-given": (_input_dims(1, 1, "h", "w"), ["--input-shape", "input=1,1,100000,100000"], 2,
                                  "1e+10 elements per sample"),
     "batch-minus-one": (_input_dims(-1, 1, 28, 28), ["--input-shape", "input=1,1,28,28"], 0, ""),
