@@ -299,7 +299,7 @@ def test_gfc_federate_improves_the_global_model_and_leaves_a_checkpoint_gfc_eval
     start = next(r for r in records if r["event"] == "start")
     rounds = [r for r in records if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert rounds[2]["accuracy"] > rounds[0]["accuracy"] + 0.05
+    assert rounds[2]["accuracy"] > rounds[0]["accuracy"] + 0.05 and rounds[2]["loss"] < rounds[0]["loss"]
     for r in rounds[1:]:  # the global trained tensors to each client, and each client's back
         assert r["bytes_sent"] == r["bytes_received"] == 2 * start["tensor_bytes"]
     assert start["tensor_bytes"] > 4 * start["parameters"]
@@ -309,6 +309,9 @@ def test_gfc_federate_improves_the_global_model_and_leaves_a_checkpoint_gfc_eval
     scores = json.loads(evaluated.stdout)
     assert scores["accuracy"] == pytest.approx(rounds[2]["accuracy"], abs=1e-12)
     assert scores["loss"] == pytest.approx(rounds[2]["loss"], rel=1e-6)
+
+    exported = _gfc("export", artifacts, "--run-dir", str(run_dir), "-o", str(tmp_path / "global.onnx"))
+    assert exported.returncode == 0 and "checkpoint-00000002-" in exported.stdout, exported.stderr[-2000:]
 
     again = _gfc("federate", artifacts, "--data", "builtin:digits", "--run-dir", str(run_dir))
     assert again.returncode == 4 and again.stderr.strip().splitlines() == [

@@ -3,7 +3,9 @@
 `federate` runs `flwr.simulation.run_simulation` (Ray as the backend): the ServerApp in a
 thread of this process, each of the K virtual SuperNodes' ClientApp in a pool of Ray
 actors (one CPU each, at most as many actors as cores; without ``--threads`` each
-client's onnxruntime gets cores / actors threads). Flower deprecates
+client's onnxruntime gets cores / actors threads). Ray is started as a private local
+instance (``address="local"``): without it Ray joins any cluster another process runs
+on this machine, another ``gfc federate`` included, and refuses the CPU count. Flower deprecates
 ``run_simulation`` in favour of ``flwr run`` against a SuperLink (the deployment
 engine, which runs the very same apps from their pyproject); it is the one in-process
 entry point, and Flower's deprecation notice is silenced with Flower's other logs
@@ -46,7 +48,7 @@ def federate(config: FederationConfig, progress: Progress | None = None, *, verb
     if not config.threads:  # the actors share the cores: onnxruntime's default would take them all in each
         config = dataclasses.replace(config, threads=max(1, cores // actors))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": actors, "num_gpus": 0, "log_to_driver": verbose,
+               "init_args": {"address": "local", "num_cpus": actors, "num_gpus": 0, "log_to_driver": verbose,
                              "logging_level": logging.INFO if verbose else logging.ERROR}}
     stop, finished, results = threading.Event(), threading.Event(), []
     server = create_server_app(config, progress, stop, results, finished)
