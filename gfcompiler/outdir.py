@@ -74,17 +74,21 @@ def staging_directory(target: Path, force: bool):
     _remove_stale_partials(target)
     staging = target.resolve().parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir()
-    except OSError as error:
-        raise OutputError(f"{staging.parent}: cannot create the output ({error.strerror})") from None
-    try:
-        with _sigterm_as_exit():
+    with _sigterm_as_exit():  # from before mkdir on, a SIGTERM still removes the staging directory
+        try:
+            _make_directory(staging)
             yield staging
             _replace(staging, target, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _make_directory(path: Path) -> None:
+    try:
+        path.mkdir()
+    except OSError as error:
+        raise OutputError(f"{path.parent}: cannot create the output ({error.strerror})") from None
 
 
 def _replace(staging: Path, target: Path, force: bool) -> None:
