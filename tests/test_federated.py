@@ -20,7 +20,17 @@ import pytest
 pytest.importorskip("flwr", reason="the federated extra (flwr) is not installed")
 pytest.importorskip("sklearn", reason="builtin:digits needs scikit-learn")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from gfcompiler.cli import main as gfc  # noqa: E402
@@ -213,8 +223,9 @@ class InProcessGrid:
     """A Grid stand-in for the ServerApp: each pushed message is trained at once by an in-process client
     (``train_round``, what the ClientApp runs), as Flower's InMemoryGrid would deliver it to a SuperNode."""
 
-    def __init__(self, config: FederationConfig):
+    def __init__(self, config: FederationConfig, crashing: int | None = None):
         self.config, self.nodes, self.replies = config, list(range(101, 101 + config.clients)), {}
+        self.crashing = crashing  # this partition's ClientApp fails (as a crashed or timed-out node's reply)
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -224,8 +235,11 @@ class InProcessGrid:
         for message in messages:
             message.metadata.__dict__["_message_id"] = message_id = f"m{len(self.replies)}-{message.metadata.dst_node_id}"
             partition = self.nodes.index(message.metadata.dst_node_id)
-            update = train_round(self.config, message, partition, len(self.nodes))
-            self.replies[message_id] = Message(content=reply_content(update, partition), reply_to=message)
+            if partition == self.crashing:
+                self.replies[message_id] = Message(error=Error(code=1, reason="the ClientApp crashed"), reply_to=message)
+            else:
+                update = train_round(self.config, message, partition, len(self.nodes))
+                self.replies[message_id] = Message(content=reply_content(update, partition), reply_to=message)
             ids.append(message_id)
         return ids
 
@@ -279,6 +293,22 @@ def test_the_server_saves_each_round_and_a_stop_keeps_the_last_completed_one(com
     assert scores["accuracy"] == result.history[2]["accuracy"] and scores["loss"] == result.history[2]["loss"]
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert events == ["start", "round", "round", "round", "interrupted"]
+
+
+def test_a_crashed_client_leaves_the_round_to_the_others_and_a_round_without_any_update_fails(compiled, tmp_path,
+                                                                                            task_identity):
+    config = FederationConfig(str(compiled("onnx")), ("builtin:digits",), clients=3, rounds=1, batch_size=64,
+                              run_dir=str(tmp_path / "run"))
+    progress = StopAfter(threading.Event(), after=99)
+    result = run_federation(InProcessGrid(config, crashing=1), config, progress)
+    last = result.history[-1]
+    assert (last["round"], last["clients"], last["sampled"], last["failed"]) == (1, 2, 3, 1)
+    assert "; 2/3 clients" in progress.lines[-1] and "0 dropped, 1 failed" in progress.lines[-1]
+    assert last["bytes_received"] == 2 * last["bytes_sent"] // 3
+    lonely = FederationConfig(str(compiled("onnx")), ("builtin:digits",), clients=1, rounds=1,
+                              run_dir=str(tmp_path / "lonely"))
+    with pytest.raises(TrainingError, match=r"round 1: no client returned a usable update \(1 failed: the ClientApp crashed\)"):
+        run_federation(InProcessGrid(lonely, crashing=0), lonely, progress)
 
 
 # ----------------------------------------------------------------------------- gfc federate
