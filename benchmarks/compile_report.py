@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import models  # noqa: E402
 import torchref  # noqa: E402
+
 from gfcompiler.driver import CompileOptions, compile_model  # noqa: E402
 
 

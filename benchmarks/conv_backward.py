@@ -36,9 +36,9 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from gfcompiler.emit import Emitter
 from gfcompiler.onnx_step import conv_backward as cb
 from gfcompiler.onnx_step.conv_backward import ConvAttrs, build_exact_conv_backward
-from gfcompiler.emit import Emitter
 
 
 def _conv(ci, co, h, w, kernel, batch, strides=(1, 1), pads=(1, 1, 1, 1), group=1) -> ConvAttrs:

@@ -190,7 +190,7 @@ def check_exact_against_torch(conv: ConvShape) -> str:
     try:
         session = ort.InferenceSession(exact_model(small), session_options(), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - reported, not handled
-        raise SystemExit(f"com.microsoft::ConvGrad is not available (is onnxruntime-training installed?): {error}")
+        raise SystemExit(f"com.microsoft::ConvGrad is not available (is onnxruntime-training installed?): {error}") from None
     dx, dw, db = session.run(None, {"dY": dy, "X": x, "W": w})
     try:
         import torch
@@ -223,7 +223,7 @@ class Stats:
         return self.q3_ms - self.q1_ms
 
     @classmethod
-    def of(cls, seconds: list[float]) -> "Stats":
+    def of(cls, seconds: list[float]) -> Stats:
         q1, med, q3 = np.percentile(np.asarray(seconds) * 1e3, [25, 50, 75])
         return cls(float(med), float(q1), float(q3), float(np.min(seconds) * 1e3))
 

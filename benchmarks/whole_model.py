@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import models  # noqa: E402
+
 from gfcompiler import bench  # noqa: E402
 
 

@@ -102,8 +102,8 @@ def export_onnx(arch: str, classes: int, size: int, weights: str | None, path: P
 
 def make_photo_dataset(root: Path, per_class: int, seed: int = 0) -> Path:
     """root/<photo>/<i>.png: random crops (30–70% of the side) with random flips of each photo."""
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     for name in PHOTOS:

@@ -16,9 +16,9 @@ knows it.
 from __future__ import annotations
 
 import contextlib
-import re
 import dataclasses
 import os
+import re
 import tempfile
 from pathlib import Path
 

@@ -274,9 +274,8 @@ def _memory_probe(artifacts: str, batch: int, steps: int, threads: int | None) -
 
 def run_demo(options: DemoOptions | None = None, *, progress=None) -> DemoResult:
     """The whole demo; see the module docstring."""
-    from gfcompiler.runtime.progress import Progress
-
     from gfcompiler.ort_training import onnxruntime
+    from gfcompiler.runtime.progress import Progress
 
     # Import onnxruntime the runtime's way before the compiler does: its own import
     # would load torch (seconds and hundreds of MB) where torch is installed.

@@ -11,10 +11,9 @@ they wrap and skip the calling test when the model is unavailable.
 
 from __future__ import annotations
 
-import pytest
-
 import datasets
 import models
+import pytest
 
 _UNAVAILABLE = (models.ModelUnavailable, datasets.DataUnavailable)
 

@@ -29,8 +29,8 @@ import tarfile
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
     "ModelUnavailable",

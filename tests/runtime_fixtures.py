@@ -33,7 +33,7 @@ def build_cnn(path: Path, *, size: int = SIZE, channels=(8, 16, 16), classes: in
                  classes=classes, batch=batch, seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(layers: int | str = 2, patch: int = 0, batch: int | str = "N", loss: str = "cross_entropy",
              optimizer: str = "adamw", backend: str | None = None) -> Path:
     """Artifacts of the test CNN, compiled once per session (treat as read-only).

@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 import datasets
 import models
+import pytest
+
 from gfcompiler import demo
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"

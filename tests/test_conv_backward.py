@@ -23,9 +23,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gfcompiler.emit import Emitter
 from gfcompiler.onnx_step import conv_backward as cb
 from gfcompiler.onnx_step.conv_backward import ConvAttrs, build_exact_conv_backward
-from gfcompiler.emit import Emitter
 
 RTOL = 1e-4
 F32 = ir.TensorType(ir.DataType.FLOAT)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
 from stages import module_inputs  # noqa: E402
+
 from gfcompiler import ort_training  # noqa: E402
 from gfcompiler.driver import CompileOptions, compile_model  # noqa: E402
 from gfcompiler.errors import GfcError  # noqa: E402

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from opharness import run_operator
 
 from gfcompiler import reference
 from gfcompiler.geometry import ConvShape, FilterGeometry
 from gfcompiler.passes import filter_ops
-from opharness import run_operator
 
 settings.register_profile(
     "gfcompiler-ops",

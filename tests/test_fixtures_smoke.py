@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-import models
 from conftest import available
 
 

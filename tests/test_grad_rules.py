@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.emit import Emitter
+from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.onnx_step.grad_rules import RULES
 from gfcompiler.onnx_step.rules_api import GradContext
 
@@ -429,12 +429,11 @@ for opset in (17, 13):
     case(f"MaxPool-unknown-channels-{opset}", "MaxPool", [ints_data(2, 3, 7, 7, dynamic=("N", "C"))],
          lambda x: F.max_pool2d(x, 3, 2, 1), attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
          opset=opset)
-    _neg_inf = float("-inf")
     case(f"MaxPool-same-upper-{opset}", "MaxPool", [ints_data(2, 2, 6, 7)],
-         lambda x: F.max_pool2d(F.pad(x, (1, 1, 0, 1), value=_neg_inf), 3, 2),
+         lambda x: F.max_pool2d(F.pad(x, (1, 1, 0, 1), value=float("-inf")), 3, 2),
          attrs={"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, opset=opset)
     case(f"MaxPool-same-lower-{opset}", "MaxPool", [ints_data(2, 2, 6, 7)],
-         lambda x: F.max_pool2d(F.pad(x, (1, 1, 1, 0), value=_neg_inf), 3, 2),
+         lambda x: F.max_pool2d(F.pad(x, (1, 1, 1, 0), value=float("-inf")), 3, 2),
          attrs={"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER"}, opset=opset)
 case("MaxPool-1d", "MaxPool", [ints_data(2, 3, 9)], lambda x: F.max_pool1d(x, 3, 2, 1),
      attrs={"kernel_shape": [3], "strides": [2], "pads": [1, 1]})

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
-from onnx import helper
-
 import torchref
+from onnx import helper
+from test_whole_model import assert_gradients_match
+
 from gfcompiler.driver import CompileOptions, compile_model
 from gfcompiler.loading import InputShape
-from test_whole_model import assert_gradients_match
 
 
 class NhwcNet(nn.Module):

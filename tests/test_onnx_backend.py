@@ -15,10 +15,10 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-
 import torchref
 from onnx_step_run import step_gradients
 from test_whole_model import SmallNet, export
+
 from gfcompiler.driver import CompileOptions, compile_model
 
 STEP_OPTIONS = dict(backend="onnx", gradient_outputs=True)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from gfcompiler.artifacts import OptimizerSpec
-from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.emit import Emitter
+from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.onnx_step.optimizers import ADAM_BETAS, build_guard, build_update, state_slots
 
 SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (10, 32)}

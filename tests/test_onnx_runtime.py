@@ -16,10 +16,10 @@ import zipfile
 import numpy as np
 import pytest
 from onnx_step_fixtures import (
-    fake_ort_training_dir,
     CLASSES,
     NumpyStep,
     build_step_artifacts,
+    fake_ort_training_dir,
     fresh_step_copy,
     ort_training_available,
     state_entries,

@@ -16,7 +16,6 @@ import textwrap
 
 from onnx_step_fixtures import fake_ort_training_dir, fresh_step_copy, synthetic_npz
 
-
 BLOCKED = ("onnx", "onnx_ir", "networkx", "torch")
 
 SCRIPT = textwrap.dedent(

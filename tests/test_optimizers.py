@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torchref
+
 from gfcompiler.artifacts import OptimizerSpec
 from gfcompiler.driver import CompileOptions, compile_model
 from gfcompiler.runtime import Trainer

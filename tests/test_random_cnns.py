@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torchref
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-import torchref
 from onnx_step_run import step_gradients
+
 from gfcompiler.driver import CompileOptions, compile_model
 from gfcompiler.errors import GfcError
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import models
 import pytest
 
-import models
 from gfcompiler.driver import CompileOptions, compile_model
 
 

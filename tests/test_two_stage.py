@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 
+import models
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-import models
 import torchref
+
 from gfcompiler.cli import main as gfc
 from gfcompiler.driver import CompileOptions, compile_model
 from gfcompiler.runtime import Trainer

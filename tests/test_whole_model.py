@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
 import torchref
 from stages import module_inputs
+
 from gfcompiler import ort_training
 from gfcompiler.driver import CompileOptions, compile_model
 

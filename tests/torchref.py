@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from stages import module_inputs
 from torch.fx.experimental.optimization import fuse
 
 from gfcompiler import ort_training, reference
 from gfcompiler.geometry import ConvShape, FilterGeometry
-from stages import module_inputs
 
 
 def geometry_of(conv: torch.nn.Conv2d, x: torch.Tensor, patch: int) -> FilterGeometry:
@@ -45,7 +45,9 @@ class _FilteredConvFunction(torch.autograd.Function):
         dx, dw, db = reference.filtered_backward(
             dy.numpy(), x_sum, w_sum, geom, w=w, needs_input_grad=ctx.needs_input_grad[0]
         )
-        as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dy.dtype)
+        def as_tensor(a):
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(dy.dtype)
+
         return as_tensor(dx), as_tensor(dw), as_tensor(db) if has_bias else None, None, None
 
 

@@ -228,7 +228,7 @@ class OtherCpu:
         user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
         return user + nice + system + irq + softirq, int(own[11]) + int(own[12]), time.monotonic()
 
-    def __enter__(self) -> "OtherCpu":
+    def __enter__(self) -> OtherCpu:
         self._start = self._sample()
         return self
 

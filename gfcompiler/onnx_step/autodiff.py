@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.emit import Emitter, tag
+from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.onnx_step.rules_api import GradContext, GradRule
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}

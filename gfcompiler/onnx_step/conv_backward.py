@@ -33,9 +33,8 @@ import dataclasses
 
 import onnx_ir as ir
 
-from gfcompiler.geometry import ceil_div
-from gfcompiler.geometry import conv_out_size
 from gfcompiler.emit import Emitter
+from gfcompiler.geometry import ceil_div, conv_out_size
 
 
 @dataclasses.dataclass(frozen=True)

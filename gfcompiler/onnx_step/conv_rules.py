@@ -12,7 +12,6 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from gfcompiler.errors import UnsupportedModelError
-
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.onnx_step.conv_backward import ConvAttrs, build_exact_conv_backward
 from gfcompiler.onnx_step.rules_api import GradContext, GradRule, spatially_constant_source

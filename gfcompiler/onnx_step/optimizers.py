@@ -81,8 +81,8 @@ import numpy as np
 import onnx_ir as ir
 
 from gfcompiler.artifacts import OPTIMIZERS, OptimizerSpec
-from gfcompiler.errors import UnsupportedModelError
 from gfcompiler.emit import Emitter
+from gfcompiler.errors import UnsupportedModelError
 
 # torch.optim.AdamW defaults (amsgrad False, maximize False).
 ADAM_BETAS = (0.9, 0.999)

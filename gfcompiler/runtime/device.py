@@ -137,7 +137,7 @@ def cuda_problem(index: int = 0) -> str | None:
     return None if problem is None else str(problem)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_unavailable(index: int = 0) -> CudaUnavailable | None:
     """None when CUDA works on GPU ``index``, else why not (cached per process)."""
     try:
@@ -215,7 +215,7 @@ def nvidia_wheel_dirs() -> list[str]:
     return [str(path) for path in spec.submodule_search_locations]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preload_cuda_libraries() -> tuple[str, ...]:
     """Load the CUDA libraries the installed onnxruntime needs; returns what was loaded."""
     if not is_training_build():
@@ -304,7 +304,7 @@ def session_options(threads: int | None = None, *, memory_arena: bool = True, sp
     return options
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_cpu_arena() -> None:
     """Register one CPU arena allocator with onnxruntime's environment (once per process).
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, TrainingError
-from gfcompiler.ort_training import TrainingBuildMissing, api as training_api, error_message, onnxruntime
+from gfcompiler.ort_training import TrainingBuildMissing, error_message, onnxruntime
+from gfcompiler.ort_training import api as training_api
 from gfcompiler.runtime.artifacts import Artifacts
 from gfcompiler.runtime.device import Device
 
