@@ -21,9 +21,11 @@ Steps (each `gfc` command is printed before it runs, so you can copy it):
 5. the exported model in a plain onnxruntime.InferenceSession: besides the logits it
    outputs ``classes``, the N×H×W class map (argmax over the classes).
 
-With random weights only the last layers learn, so the mean IoU stays modest; a
-pretrained backbone (``--weights``) is what makes fine-tuning the last layers work.
-benchmarks/segmentation.py pretrains one and compares exact and filtered backward.
+With random weights only the last layers learn from features that mean nothing yet, so
+the held-out mean IoU stays near what predicting background everywhere gives (≈ 9 % with
+the defaults: background IoU ≈ 90 %, the digits ≈ 0); a pretrained backbone
+(``--weights``) is what makes fine-tuning the last layers work. benchmarks/segmentation.py
+pretrains one in PyTorch and compares the exact and the filtered backward.
 """
 
 from __future__ import annotations
