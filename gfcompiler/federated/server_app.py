@@ -141,6 +141,9 @@ class GlobalModel:
         self.history.append(record)
         self.metrics.write("round", **record)
         self.progress.message(round_line(record, self.config.rounds))
+        if server_round < self.config.rounds:  # the status line until the next round's result replaces it
+            self.progress.update(f"round {server_round + 1}/{self.config.rounds}: {self.config.clients} clients "
+                                 f"training {self.config.local_epochs} local epoch(s)...", force=True)
         self._started = time.perf_counter()
         return MetricRecord({k: v for k, v in (("loss", record["loss"]), ("accuracy", record["accuracy"])) if v is not None})
 
