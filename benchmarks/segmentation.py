@@ -2,7 +2,7 @@
 
 A transfer task on real images, one command:
 
-    .venv/bin/python benchmarks/segmentation.py                  # 9 min on 2 busy cores, + pretraining once
+    .venv/bin/python benchmarks/segmentation.py                  # 3 min on 2 quiet cores, + pretraining once
     .venv/bin/python benchmarks/segmentation.py --quick          # smoke run, ~2 min
     .venv/bin/python benchmarks/segmentation.py --markdown --json seg.json --plot benchmarks/segmentation_masks.png
 
