@@ -1,7 +1,7 @@
 """Semantic segmentation: a torchvision LRASPP / DeepLabV3 fine-tuned per pixel with the `gfc` command line.
 
     pip install "gfcompiler[test]"   # torch, torchvision, scikit-image, scikit-learn, Pillow
-    python examples/segmentation.py                      # ~1 minute on 2 CPU cores
+    python examples/segmentation.py                      # ~20 s on 2 quiet CPU cores
     python examples/segmentation.py --size 64 --train 48 --test 16 --epochs 1   # smaller (CI)
     python examples/segmentation.py --data builtin       # train on builtin:digit-scenes directly
 
