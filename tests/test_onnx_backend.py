@@ -47,10 +47,7 @@ def _compile_and_compare(model: nn.Module, tmp_path, input_shape, layers: int, p
     expected = torchref.match_by_value(values, pairs)
     assert loss == pytest.approx(torch_loss, rel=1e-5, abs=1e-6)
     assert set(grads) == set(manifest["trainable_params"])
-    for name, grad in grads.items():
-        scale = np.abs(expected[name]).max() + 1e-12
-        error = np.abs(grad - expected[name]).max() / scale
-        assert error < tolerance, f"{name}: relative gradient error {error:.2e}"
+    torchref.assert_gradients_close(grads, expected, tolerance)
     return manifest, out
 
 

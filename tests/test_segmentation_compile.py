@@ -119,10 +119,7 @@ def compile_and_compare(onnx_path, reference: torch.fx.GraphModule, out, *, laye
     expected = {name: parameters[name].grad.numpy() for name in values}
     assert value == pytest.approx(torch_loss, rel=1e-5, abs=1e-6)
     assert set(grads) == set(manifest["trainable_params"])
-    for name, grad in grads.items():
-        scale = np.abs(expected[name]).max() + 1e-12
-        error = np.abs(grad - expected[name]).max() / scale
-        assert error < TOLERANCE, f"{name}: relative gradient error {error:.2e}"
+    torchref.assert_gradients_close(grads, expected, TOLERANCE)
     return manifest
 
 

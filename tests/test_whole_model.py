@@ -49,10 +49,7 @@ def assert_gradients_match(model: torch.nn.Module, tmp_path, input_shape, layers
 
     assert loss == pytest.approx(torch_loss, rel=1e-4, abs=1e-5)
     assert set(grads) == set(manifest["trainable_params"])
-    for name, grad in grads.items():
-        scale = np.abs(expected[name]).max() + 1e-6
-        error = np.abs(grad - expected[name]).max() / scale
-        assert error < 2e-3, f"{name}: relative gradient error {error:.2e}"
+    torchref.assert_gradients_close(grads, expected, 2e-3, floor=1e-6)
     return manifest
 
 

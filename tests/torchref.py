@@ -125,3 +125,12 @@ def match_by_value(ort_values: dict[str, np.ndarray], torch_pairs) -> dict[str, 
         assert len(hits) == 1, f"parameter {name}: {len(hits)} torch parameters with equal values"
         matched[name] = hits[0]
     return matched
+
+
+def assert_gradients_close(grads: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: float,
+                           floor: float = 1e-12) -> None:
+    """Every gradient within ``tolerance`` of the expected one, relative to the expected one's largest entry."""
+    for name, grad in grads.items():
+        scale = np.abs(expected[name]).max() + floor
+        error = np.abs(grad - expected[name]).max() / scale
+        assert error < tolerance, f"{name}: relative gradient error {error:.2e}"
