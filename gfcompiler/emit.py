@@ -83,6 +83,13 @@ def insert_before(graph: ir.Graph, tape: ir.tape.Tape, node: ir.Node) -> list[ir
     return nodes
 
 
+def append(graph: ir.Graph, tape: ir.tape.Tape) -> None:
+    """Put what ``tape`` recorded into ``graph``: its initializers, and its nodes at the end."""
+    for initializer in tape.initializers:
+        graph.register_initializer(initializer)
+    graph.extend(tape.nodes)
+
+
 def tag(nodes, *, layer: str | None = None, phase: str | None = None) -> None:
     """Record ``layer``/``phase`` in the metadata of ``nodes`` that carry none yet."""
     for node in nodes:

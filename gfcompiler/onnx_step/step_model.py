@@ -38,7 +38,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from gfcompiler.artifacts import OptimizerSpec
-from gfcompiler.emit import Emitter, insert_before
+from gfcompiler.emit import Emitter, append, graph_names, insert_before
 from gfcompiler.geometry import FilterGeometry
 from gfcompiler.onnx_step import autodiff, conv_rules, optimizers
 from gfcompiler.onnx_step.grad_rules import RULES
@@ -112,13 +112,6 @@ def _keep_outputs(model: ir.Model, outputs: list[ir.Value]) -> None:
     common_passes.RemoveUnusedNodesPass()(model)
 
 
-def _graph_names(graph: ir.Graph) -> set[str]:
-    names = {node.name for node in graph if node.name}
-    names |= {value.name for node in graph for value in node.outputs if value.name}
-    names |= {value.name for value in graph.inputs} | set(graph.initializers)
-    return names
-
-
 def _scalar_input(name: str) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]))
 
@@ -139,8 +132,8 @@ def build_export_model(model: ir.Model, trainable: list[str], loss: str | None =
     form = loss_form(loss, outputs[0]) if loss is not None else None
     if form is not None and form.segmentation:
         tape = ir.tape.Tape()
-        classes = build_class_map(Emitter(tape, "class_map", _graph_names(export.graph)), form, outputs[0])
-        _append(export.graph, tape)
+        classes = build_class_map(Emitter(tape, "class_map", graph_names(export.graph)), form, outputs[0])
+        append(export.graph, tape)
         classes.name = CLASS_MAP_OUTPUT
         outputs.append(classes)
     _keep_outputs(export, outputs)
@@ -156,19 +149,13 @@ def build_eval_model(model: ir.Model, trainable: list[str], loss: str, ignore_in
     output = _model_output(evaluation)
     _parameters_to_inputs(graph, trainable)
     tape = ir.tape.Tape()
-    built = build_loss(Emitter(tape, "loss", _graph_names(graph), phase="forward"), loss, output, with_gradient=False,
+    built = build_loss(Emitter(tape, "loss", graph_names(graph), phase="forward"), loss, output, with_gradient=False,
                        ignore_index=ignore_index)
-    _append(graph, tape)
+    append(graph, tape)
     graph.inputs.append(built.label)
     built.loss.name = "loss"
     _keep_outputs(evaluation, [built.loss, output])
     return evaluation
-
-
-def _append(graph: ir.Graph, tape: ir.tape.Tape) -> None:
-    for initializer in tape.initializers:
-        graph.register_initializer(initializer)
-    graph.extend(tape.nodes)
 
 
 def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str, FilterGeometry], loss: str,
@@ -186,7 +173,7 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
     output = _model_output(step)
     trained_names = {conv.name for conv in selection.trained_convs}
     convs = {node.name: node for node in graph if node.name in trained_names}
-    names = _graph_names(graph)
+    names = graph_names(graph)
 
     params, initial = _parameters_to_inputs(graph, trainable)
 
@@ -220,7 +207,7 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
     ok = optimizers.build_guard(update, loss_graph.loss, grads)
     updated_params, updated_state = optimizers.build_update(update, optimizer, params, grads, state_inputs, lr,
                                                             step_index, ok=ok)
-    _append(graph, tape)
+    append(graph, tape)
 
     if force_forward_pooling:
         for name, (x_sum, _, _) in summaries.items():
