@@ -46,6 +46,13 @@ class TrainingError(GfcError):
     exit_code = 6
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when the message is empty): a library's
+    exception text cut to what fits in a one-line refusal."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 EXIT_INTERRUPTED = 130
 EXIT_CODES = {
     0: "success",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler import READABLE_ARTIFACT_FORMATS, __version__
-from gfcompiler.errors import ArtifactError
+from gfcompiler.errors import ArtifactError, first_line
 from gfcompiler.manifest import (
     BACKEND_ONNX,
     BACKENDS,
@@ -148,7 +148,7 @@ def open_artifacts(directory: str | Path, *, verify: bool = True) -> Artifacts:
     try:
         manifest = read_manifest(directory)
     except (OSError, ValueError, RecursionError) as error:  # RecursionError: absurdly nested JSON
-        raise ArtifactError(f"{directory / MANIFEST_NAME} is unreadable or corrupted ({_first_line(error)})") from None
+        raise ArtifactError(f"{directory / MANIFEST_NAME} is unreadable or corrupted ({first_line(error)})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{directory / MANIFEST_NAME} is corrupted (not a JSON object)")
     _check_format(directory, manifest)
@@ -293,6 +293,3 @@ def _class_count(manifest: Manifest) -> int:
     return classes if isinstance(classes, int) and classes > 0 else 1
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else "") or type(error).__name__

@@ -53,7 +53,7 @@ except ImportError:  # Windows: no advisory locks; `RunLock` says so and does no
     fcntl = None
 
 from gfcompiler import __version__
-from gfcompiler.errors import ArtifactError, OutputError
+from gfcompiler.errors import ArtifactError, OutputError, first_line
 from gfcompiler.manifest import sha256_file
 from gfcompiler.ort_training import error_message
 from gfcompiler.runtime.artifacts import Artifacts
@@ -205,7 +205,7 @@ class RunDir:
 
     def _bad_record(self, error: Exception) -> ArtifactError:
         return ArtifactError(
-            f"{self.record_path} is corrupted ({type(error).__name__}: {_first_line(error)}); "
+            f"{self.record_path} is corrupted ({type(error).__name__}: {first_line(error)}); "
             "delete the run directory or pass --overwrite to start over"
         )
 
@@ -432,6 +432,3 @@ def _is_training_record(training) -> bool:
     return numbers and isinstance(config, dict) and isinstance(training.get("data", {}), dict)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else "") or type(error).__name__

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gfcompiler.errors import InputError
+from gfcompiler.errors import InputError, first_line
 from gfcompiler.runtime.artifacts import Artifacts
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -208,7 +208,7 @@ def load_npz(path: Path) -> Dataset:
     except InputError:
         raise
     except _NPZ_ERRORS as error:
-        raise InputError(f"{path} is not a readable .npz file ({_first_line(error)})") from None
+        raise InputError(f"{path} is not a readable .npz file ({first_line(error)})") from None
     return Dataset(x, y, str(path))
 
 
@@ -217,11 +217,6 @@ def _open_npz(path: Path):
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array
         raise InputError(f"{path} holds one array, not an .npz archive with x (N×C×H×W) and y (labels)")
     return loaded
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else "") or type(error).__name__
 
 
 def load_image_folder(path: Path, artifacts: Artifacts, preprocess: Preprocess) -> Dataset:

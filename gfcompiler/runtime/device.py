@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from gfcompiler.errors import InputError, TrainingError
+from gfcompiler.errors import InputError, TrainingError, first_line
 from gfcompiler.ort_training import error_message, onnxruntime
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -251,7 +251,7 @@ def preload_cuda11_libraries() -> tuple[str, ...]:
         except OSError as error:
             where = path or "the wheels or the system library path"
             raise CudaUnavailable(
-                f"{library.soname} not found in {where} ({_first_line(error)})",
+                f"{library.soname} not found in {where} ({first_line(error)})",
                 f"pip install {library.wheel}, or gfcompiler[cuda]",
             ) from None
         loaded.append(path or library.soname)
@@ -319,6 +319,3 @@ def shared_cpu_arena() -> None:
     ort.create_and_register_allocator(memory_info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gfcompiler.errors import ArtifactError, InputError, TrainingError
+from gfcompiler.errors import ArtifactError, InputError, TrainingError, first_line
 from gfcompiler.manifest import dtype_name
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts
@@ -366,7 +366,7 @@ def read_state(path: Path, types: dict[str, tuple[np.dtype, list]]) -> tuple[dic
             arrays = {name: archive[name] for name in archive.files}
     except Exception as error:  # noqa: BLE001 - numpy and zipfile raise many kinds
         raise ArtifactError(
-            f"cannot load checkpoint {path}: corrupted or not a gfcompiler state file ({_first_line(error)})"
+            f"cannot load checkpoint {path}: corrupted or not a gfcompiler state file ({first_line(error)})"
         ) from None
     steps = int(arrays.pop(STEP_KEY, 0))
     missing = [name for name in types if name not in arrays]
@@ -388,6 +388,3 @@ def read_state(path: Path, types: dict[str, tuple[np.dtype, list]]) -> tuple[dic
     return {name: arrays[name] for name in types}, steps
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else "") or type(error).__name__
