@@ -45,7 +45,6 @@ from gfcompiler.manifest import (
     PreprocessRecord,
     SelectionRecord,
     SourceModel,
-    StateRecord,
     StepRecord,
     TensorRecord,
     Totals,
@@ -411,7 +410,7 @@ def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, sel
         progress("checking the step and eval models load in onnxruntime")
         outdir.check_models_loadable(staging, [files["step_model"], files["eval_model"]])
         accounting = _Accounting(batch, exact, emitted, built.needs_input_grad)
-        state = tuple(StateRecord(entry.name, entry.updated, entry.kind, entry.param) for entry in built.state)
+        state = tuple(entry.to_manifest() for entry in built.state)
         form = Form("step_model", step=StepRecord(step_model.LEARNING_RATE, step_model.STEP, "loss",
                                                   model.graph.outputs[0].name, state))
         manifest = _manifest(model_path, model, selection, shapes, geometries, accounting, options, dict(files),

@@ -107,6 +107,10 @@ STEP_FILES = {
     "export_model": "export_model.onnx",
     "state": "initial_state.npz",
 }
+# Names the compiler writes into the models and the runtime reads back (the runtime cannot import the compiler).
+CLASS_MAP_OUTPUT = "classes"  # the export model's per-pixel class map (segmentation), N×H×W int64
+IN_PLACE_KEY = "gfc.step.in_place"  # step-model metadata: its state may be updated in place ...
+IN_PLACE_VALUE = "guarded"  # ... because every state write is ordered after every read
 BACKEND_ORT_TRAINING = "ort-training"
 BACKEND_ONNX = "onnx"
 BACKENDS = (BACKEND_ONNX, BACKEND_ORT_TRAINING)
@@ -589,9 +593,6 @@ class Manifest:
             loss_form=_optional(data.get("loss_form"), str),
             notes=tuple(str(n) for n in data.get("notes") or ()),
         )
-
-    def write(self, directory: Path) -> None:
-        write_manifest(directory, self.to_json())
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:

@@ -19,10 +19,11 @@ import pytest
 from runtime_fixtures import _SESSION_DIR
 
 from gfcompiler.errors import InputError
+from gfcompiler.manifest import CLASS_MAP_OUTPUT
 from gfcompiler.runtime import Trainer, load_dataset, open_artifacts
 from gfcompiler.runtime.data import digit_scenes, resize_nearest
 from gfcompiler.runtime.losses import numpy_loss, per_pixel_cross_entropy
-from gfcompiler.runtime.metrics import CLASS_MAP_OUTPUT, ConfusionMatrix, SegmentationScores, predicted_classes
+from gfcompiler.runtime.metrics import ConfusionMatrix, SegmentationScores, predicted_classes
 
 SIZE = 16
 CLASSES = 11  # builtin:digit-scenes: background + 10 digits
@@ -335,9 +336,9 @@ def test_train_evaluate_and_export(artifacts, tmp_path):
 
 
 def test_class_map_output_name_is_the_compilers():
-    from gfcompiler.onnx_step import losses
+    from gfcompiler.onnx_step import step_model
 
-    assert CLASS_MAP_OUTPUT == losses.CLASS_MAP_OUTPUT  # the runtime cannot import the compiler
+    assert CLASS_MAP_OUTPUT == step_model.CLASS_MAP_OUTPUT  # the name the export model's output is given
 
 
 def test_bad_labels_in_a_step_are_refused(artifacts):

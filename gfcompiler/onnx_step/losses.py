@@ -35,7 +35,6 @@ from gfcompiler.errors import InputError, UnsupportedModelError
 from gfcompiler.manifest import LOSSES, TASKS
 
 DEFAULT_IGNORE_INDEX = 255  # the VOC / Cityscapes "void" label
-CLASS_MAP_OUTPUT = "classes"  # the export model's per-pixel class map (segmentation)
 CLASSIFICATION, SEGMENTATION = TASKS  # the manifest's "task"
 
 

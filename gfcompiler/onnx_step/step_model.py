@@ -40,9 +40,10 @@ from onnx_ir.passes import common as common_passes
 from gfcompiler.artifacts import OptimizerSpec
 from gfcompiler.emit import Emitter, append, graph_names, insert_before
 from gfcompiler.geometry import FilterGeometry
+from gfcompiler.manifest import CLASS_MAP_OUTPUT, IN_PLACE_KEY, IN_PLACE_VALUE, StateRecord
 from gfcompiler.onnx_step import autodiff, conv_rules, optimizers
 from gfcompiler.onnx_step.grad_rules import RULES
-from gfcompiler.onnx_step.losses import CLASS_MAP_OUTPUT, build_class_map, build_loss, loss_form
+from gfcompiler.onnx_step.losses import build_class_map, build_loss, loss_form
 from gfcompiler.passes import filter_ops
 from gfcompiler.passes.gradient_filter import add_forward_dependency
 from gfcompiler.selection import Selection
@@ -53,8 +54,6 @@ UPDATED_SUFFIX = ".updated"
 GRAD_SUFFIX = ".grad"
 # Model metadata: the step model may run with each state output bound to its input's
 # buffer (gfcompiler.runtime.onnx_engine reads the same key).
-IN_PLACE_KEY = "gfc.step.in_place"
-IN_PLACE_VALUE = "guarded"
 # Ops whose output onnxruntime may place in its input's buffer (a view), and the
 # elementwise ops that may write a state tensor over the one they read.
 _VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
@@ -73,8 +72,8 @@ class StateEntry:
     def updated(self) -> str:
         return f"{self.name}{UPDATED_SUFFIX}"
 
-    def to_manifest(self) -> dict:
-        return {"name": self.name, "updated": self.updated, "kind": self.kind, "param": self.param}
+    def to_manifest(self) -> StateRecord:
+        return StateRecord(self.name, self.updated, self.kind, self.param)
 
 
 @dataclasses.dataclass
@@ -124,7 +123,7 @@ def build_export_model(model: ir.Model, trainable: list[str], loss: str | None =
     """The forward with ``trainable`` initializers removed (the runtime appends trained values).
 
     When ``loss`` trains a segmentation model (`losses.loss_form`), a second output
-    ``classes`` (`losses.CLASS_MAP_OUTPUT`) follows the logits: the per-pixel class map,
+    ``classes`` (`manifest.CLASS_MAP_OUTPUT`) follows the logits: the per-pixel class map,
     N×H×W int64.
     """
     export = _copy(model)

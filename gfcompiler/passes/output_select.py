@@ -201,17 +201,17 @@ def select_trained_output(model: ir.Model, name: str | None, progress: Callable[
     it; None when the model had one output.
     """
     chosen = _check_choice(model.graph, name)
-    if len(model.graph.outputs) == 1:
-        SliceSplitsWithUnusedOutputsPass()(model)
-        _require_batch_first(model)
-        return None
-    result = SelectOutputPass(chosen)(model)
-    assert isinstance(result, OutputSelectionResult) and result.selected is not None
-    selected = result.selected
-    if not data_inputs(model):
-        raise UnsupportedModelError(f"output {chosen!r} does not depend on any data input: there is nothing to train")
+    selected = None
+    if len(model.graph.outputs) > 1:
+        result = SelectOutputPass(chosen)(model)
+        assert isinstance(result, OutputSelectionResult) and result.selected is not None
+        selected = result.selected
+        if not data_inputs(model):
+            raise UnsupportedModelError(f"output {chosen!r} does not depend on any data input: there is nothing to train")
     SliceSplitsWithUnusedOutputsPass()(model)
     _require_batch_first(model)
+    if selected is None:
+        return None
     inputs = f" and input(s) {', '.join(map(repr, selected.dropped_inputs))}" if selected.dropped_inputs else ""
     progress(f"training output {selected.output!r}; dropped output(s) {', '.join(map(repr, selected.dropped_outputs))}"
              f"{inputs} ({selected.removed_nodes} nodes fed only those)")

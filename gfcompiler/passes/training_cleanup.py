@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from gfcompiler.emit import Emitter, graph_names, insert_before
+from gfcompiler.emit import Emitter, append, graph_names, insert_before
 
 
 class DropUnusedMaxPoolIndicesPass(ir.passes.InPlacePass):
@@ -52,8 +52,7 @@ class CoupledWeightDecayPass(ir.passes.InPlacePass):
         names = graph_names(graph)
         decay_tape = ir.tape.Tape()
         decay = Emitter(decay_tape, "", names).scalar("weight_decay", self.weight_decay)
-        for initializer in decay_tape.initializers:
-            graph.register_initializer(initializer)
+        append(graph, decay_tape)  # the decay scalar: an initializer, no nodes
         decayed = 0
         for node in list(graph):
             if node.op_type != "InPlaceAccumulatorV2" or node.inputs[0] is None or node.inputs[0].name not in by_buffer:

@@ -26,10 +26,11 @@ from typing import Protocol
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, OutputError, TrainingError
+from gfcompiler.manifest import CLASS_MAP_OUTPUT
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts, random_batch
 from gfcompiler.runtime.losses import numpy_loss
-from gfcompiler.runtime.metrics import CLASS_MAP_OUTPUT, predicted_classes
+from gfcompiler.runtime.metrics import predicted_classes
 
 RTOL = 1e-4
 ATOL = 1e-5

@@ -31,13 +31,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from gfcompiler.errors import ArtifactError, InputError, OutputError, TrainingError
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
 from gfcompiler.runtime.checkpoints import RECORD_NAME, CheckpointRecord, RunDir, default_run_dir
 from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
-from gfcompiler.runtime.losses import class_scores
+from gfcompiler.runtime.losses import class_scores, labelled_mask
 from gfcompiler.runtime.metrics import label_classes, predicted_classes
 from gfcompiler.runtime.progress import MetricsLog, Progress, status_line
 from gfcompiler.runtime.schedule import LRSchedule
@@ -248,7 +246,7 @@ class _Run:
         if self.segmentation:
             labels = label_classes(y)
             ignore = self.trainer.artifacts.ignore_index
-            counted = labels != ignore if ignore is not None else np.ones(labels.shape, bool)
+            counted = labelled_mask(labels, ignore)
             return int((predicted_classes(outputs) == labels)[counted].sum()), int(counted.sum())
         if self.classify:
             return int((class_scores(outputs).argmax(axis=-1) == y).sum()), len(y)

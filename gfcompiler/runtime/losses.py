@@ -50,7 +50,7 @@ def per_pixel_cross_entropy(logits: np.ndarray, labels: np.ndarray, ignore_index
     float64; 0.0 when no pixel is labelled. Logits N×C×..., labels N×...."""
     z = np.moveaxis(np.asarray(logits, dtype=np.float64), 1, -1)  # N×...×C
     labels = np.asarray(labels).astype(np.int64)
-    keep = labels != ignore_index if ignore_index is not None else np.ones(labels.shape, bool)
+    keep = labelled_mask(labels, ignore_index)
     if not keep.any():
         return 0.0
     z, chosen = z[keep], labels[keep]
@@ -59,7 +59,7 @@ def per_pixel_cross_entropy(logits: np.ndarray, labels: np.ndarray, ignore_index
     return float(np.mean(log_z - z[np.arange(len(z)), chosen]))
 
 
-def labelled_pixels(labels: np.ndarray, ignore_index: int | None) -> int:
-    """How many labels count in a per-pixel mean (those not equal to ``ignore_index``)."""
+def labelled_mask(labels: np.ndarray, ignore_index: int | None) -> np.ndarray:
+    """Which labels count (those not equal to ``ignore_index``; all when there is none)."""
     labels = np.asarray(labels)
-    return int(labels.size if ignore_index is None else np.count_nonzero(labels != ignore_index))
+    return labels != ignore_index if ignore_index is not None else np.ones(labels.shape, bool)

@@ -14,7 +14,7 @@ not counted. From it:
 
 `predicted_classes` turns logits into the class map: argmax over the channel axis of
 N×C×H×W logits, or ``logit > 0`` for a binary model's N×1×H×W output (classes {0, 1}),
-as the exported model's ``classes`` output (`CLASS_MAP_OUTPUT`) does. `SegmentationScores`
+as the exported model's ``classes`` output (`gfcompiler.manifest.CLASS_MAP_OUTPUT`) does. `SegmentationScores`
 is what ``Trainer.evaluate`` reports for segmentation models. Numpy only.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CLASS_MAP_OUTPUT = "classes"  # the exported segmentation model's N×H×W int64 class map
+from gfcompiler.runtime.losses import labelled_mask
 
 
 def predicted_classes(logits: np.ndarray) -> np.ndarray:
@@ -50,7 +50,7 @@ class ConfusionMatrix:
         predicted, labels = np.asarray(predicted), np.asarray(labels)
         if predicted.shape != labels.shape:
             raise ValueError(f"predictions {predicted.shape} and labels {labels.shape} differ in shape")
-        keep = labels != self.ignore_index if self.ignore_index is not None else np.ones(labels.shape, bool)
+        keep = labelled_mask(labels, self.ignore_index)
         truth, guess = labels[keep].astype(np.int64), predicted[keep].astype(np.int64)
         classes = self.num_classes
         for name, values in (("labels", truth), ("predictions", guess)):

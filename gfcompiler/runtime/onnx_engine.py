@@ -43,17 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from gfcompiler.errors import ArtifactError, InputError, TrainingError, first_line
-from gfcompiler.manifest import dtype_name
+from gfcompiler.manifest import IN_PLACE_KEY, IN_PLACE_VALUE, dtype_name
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime.artifacts import Artifacts
 from gfcompiler.runtime.device import Device
 from gfcompiler.runtime.protowire import with_initializers
 
 STEP_KEY = "__gfc_steps_taken__"
-# The step model's metadata entry saying it may update its state in place (the same
-# key and value as gfcompiler.onnx_step.step_model.IN_PLACE_KEY / IN_PLACE_VALUE).
-IN_PLACE_KEY = "gfc.step.in_place"
-IN_PLACE_VALUE = "guarded"
 
 # onnxruntime's NodeArg.type strings of the dtypes a state tensor can have.
 _ORT_TYPES = {
