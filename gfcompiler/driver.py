@@ -48,7 +48,6 @@ from gfcompiler.manifest import (
     StepRecord,
     TensorRecord,
     Totals,
-    dtype_name,
     sha256_file,
     write_manifest,
 )
@@ -339,8 +338,8 @@ def _manifest(model_path: Path, model: ir.Model, selection: Selection, shapes: d
         source_model=SourceModel(str(model_path), sha256_file(model_path)),
         files=files,
         form=form,
-        inputs=tuple(_io_record(value) for value in data_inputs(model)),
-        outputs=tuple(_io_record(value) for value in model.graph.outputs),
+        inputs=tuple(TensorRecord.of_value(value) for value in data_inputs(model)),
+        outputs=tuple(TensorRecord.of_value(value) for value in model.graph.outputs),
         label=label[0] if label else None,
         loss=options.loss,
         task=loss.task or "classification",
@@ -372,11 +371,6 @@ def _notes(model: ir.Model) -> tuple[str, ...]:
         f"{stripped.axis} gives the probabilities); --keep-softmax keeps it"
         for stripped in model.meta.get(STRIPPED_SOFTMAX_KEY, ())
     )
-
-
-def _io_record(value: ir.Value) -> TensorRecord:
-    shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
-    return TensorRecord(value.name, shape, dtype_name(value.dtype.name) if value.dtype is not None else None)
 
 
 def _compile_step_model(model_path: Path, output_dir: Path, model: ir.Model, selection: Selection, shapes: dict,

@@ -181,6 +181,14 @@ class TensorRecord:
         from_input = bool(data["from_input"]) if "from_input" in data else None
         return cls(str(data["name"]), _dims(data.get("shape")), _optional(data.get("dtype"), str), from_input)
 
+    @classmethod
+    def of_value(cls, value: Any, from_input: bool | None = None, unknown_dtype: str | None = None) -> TensorRecord:
+        """The record of a graph value (an onnx_ir ``Value``, read by its attributes: this module imports
+        no onnx): non-integer dims are dynamic (None); ``unknown_dtype`` stands for a missing element type."""
+        shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
+        dtype = dtype_name(value.dtype.name) if value.dtype is not None else unknown_dtype
+        return cls(value.name, shape, dtype, from_input)
+
     def describe(self) -> str:
         """``N×3×32×32 float32``."""
         return "×".join("N" if d is None else str(d) for d in self.shape or ()) + f" {self.dtype}"

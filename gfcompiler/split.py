@@ -36,7 +36,7 @@ import dataclasses
 import onnx_ir as ir
 
 from gfcompiler.loading import data_inputs
-from gfcompiler.manifest import TensorRecord, dtype_name
+from gfcompiler.manifest import TensorRecord
 from gfcompiler.selection import Selection
 
 # A tensor that crosses from the prefix (or the data input) into the suffix: a manifest tensor
@@ -93,7 +93,7 @@ def split_model(model: ir.Model, selection: Selection) -> Split:
     region = selection.trained_region
     crossing = boundary_values(model.graph, region)
     inputs = set(data_inputs(model))
-    boundary = [_boundary_tensor(value, value in inputs) for value in crossing]
+    boundary = [BoundaryTensor.of_value(value, value in inputs, unknown_dtype="float32") for value in crossing]
     prefix = _piece(model, "prefix", data_inputs(model), [value for value in crossing if value not in inputs])
     outputs = [value for value in model.graph.outputs if value.producer() in region]
     suffix = _piece(model, "suffix", crossing, outputs)
@@ -120,14 +120,18 @@ def export_model(model: ir.Model, trainable_params: list[str]) -> ir.Model:
     with the trained values as initializers.
     """
     export = model.clone()
-    for name in trainable_params:
-        value = export.graph.initializers.pop(name)
-        value.const_value = None
-        export.graph.inputs.append(value)
+    parameters_to_inputs(export.graph, trainable_params)
     return export
 
 
-def _boundary_tensor(value: ir.Value, from_input: bool) -> BoundaryTensor:
-    shape = None if value.shape is None else tuple(d if isinstance(d, int) else None for d in value.shape)
-    return BoundaryTensor(value.name, shape, dtype_name(value.dtype.name if value.dtype is not None else "float"),
-                          from_input)
+def parameters_to_inputs(graph: ir.Graph, names: list[str]) -> dict[str, ir.Value]:
+    """Turn the named initializers into graph inputs, appended in ``names`` order; returns them by name."""
+    inputs = {}
+    for name in names:
+        value = graph.initializers.pop(name)
+        value.const_value = None
+        graph.inputs.append(value)
+        inputs[name] = value
+    return inputs
+
+

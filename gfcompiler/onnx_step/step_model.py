@@ -47,6 +47,7 @@ from gfcompiler.onnx_step.losses import build_class_map, build_loss, loss_form
 from gfcompiler.passes import filter_ops
 from gfcompiler.passes.gradient_filter import add_forward_dependency
 from gfcompiler.selection import Selection
+from gfcompiler.split import parameters_to_inputs
 
 LEARNING_RATE = "learning_rate"
 STEP = "step"
@@ -93,18 +94,6 @@ def _copy(model: ir.Model) -> ir.Model:
     return model.clone()  # new nodes and values; the (read-only) tensors are shared
 
 
-def _parameters_to_inputs(graph: ir.Graph, names: list[str]) -> tuple[dict[str, ir.Value], dict[str, np.ndarray]]:
-    """Turn the named initializers into graph inputs (in ``names`` order); returns (inputs, initial arrays)."""
-    inputs, arrays = {}, {}
-    for name in names:
-        value = graph.initializers.pop(name)
-        arrays[name] = value.const_value.numpy().copy()
-        value.const_value = None
-        graph.inputs.append(value)
-        inputs[name] = value
-    return inputs, arrays
-
-
 def _keep_outputs(model: ir.Model, outputs: list[ir.Value]) -> None:
     model.graph.outputs.clear()
     model.graph.outputs.extend(outputs)
@@ -146,7 +135,7 @@ def build_eval_model(model: ir.Model, trainable: list[str], loss: str, ignore_in
     evaluation = _copy(model)
     graph = evaluation.graph
     output = _model_output(evaluation)
-    _parameters_to_inputs(graph, trainable)
+    parameters_to_inputs(graph, trainable)
     tape = ir.tape.Tape()
     built = build_loss(Emitter(tape, "loss", graph_names(graph), phase="forward"), loss, output, with_gradient=False,
                        ignore_index=ignore_index)
@@ -174,7 +163,8 @@ def build_step_model(model: ir.Model, selection: Selection, geometries: dict[str
     convs = {node.name: node for node in graph if node.name in trained_names}
     names = graph_names(graph)
 
-    params, initial = _parameters_to_inputs(graph, trainable)
+    initial = {name: graph.initializers[name].const_value.numpy().copy() for name in trainable}
+    params = parameters_to_inputs(graph, trainable)
 
     # Forward summaries of filtered convs, inserted right before each conv.
     summaries: dict[str, tuple[ir.Value, ir.Value, list[ir.Node]]] = {}
