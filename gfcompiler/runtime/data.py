@@ -438,14 +438,14 @@ def _label_size(artifacts: Artifacts) -> tuple[int, int] | None:
 
 def _check_mask_values(y: np.ndarray, files: list[Path], artifacts: Artifacts) -> None:
     """InputError naming the first mask with a class the model does not have."""
-    bad = ~_valid_labels(y, artifacts)
+    bad = ~valid_labels(y, artifacts)
     if bad.any():
         index = int(np.argmax(bad.reshape(len(y), -1).any(axis=1)))
         values = np.unique(y[index][bad[index]])
-        raise InputError(f"mask {files[index]} has class {int(values[0])}; {_label_rule(artifacts)}")
+        raise InputError(f"mask {files[index]} has class {int(values[0])}; {label_rule(artifacts)}")
 
 
-def _valid_labels(y: np.ndarray, artifacts: Artifacts) -> np.ndarray:
+def valid_labels(y: np.ndarray, artifacts: Artifacts) -> np.ndarray:
     """Where ``y`` is a class of the model or its ignore_index (binary models: 0 or 1)."""
     classes = 2 if artifacts.loss == "bce" else artifacts.num_classes
     valid = (y >= 0) & (y < classes) if classes is not None else y >= 0
@@ -454,7 +454,8 @@ def _valid_labels(y: np.ndarray, artifacts: Artifacts) -> np.ndarray:
     return valid
 
 
-def _label_rule(artifacts: Artifacts) -> str:
+def label_rule(artifacts: Artifacts) -> str:
+    """The labels the model takes, in words: the second half of an out-of-range label refusal."""
     if artifacts.loss == "bce":
         return "the binary (bce) model takes masks of 0 and 1"
     classes = artifacts.num_classes
@@ -690,10 +691,10 @@ def _check_masks(y: np.ndarray, artifacts: Artifacts, where: str) -> np.ndarray:
     if y.dtype.kind not in "iub" and not _integral(y):
         raise InputError(f"{where}: y has dtype {y.dtype} with fractional values; labels are class indices")
     y = y.astype(np.int64)
-    valid = _valid_labels(y, artifacts)
+    valid = valid_labels(y, artifacts)
     if not valid.all():
         bad = np.unique(y[~valid])
-        raise InputError(f"{where}: labels include {', '.join(map(str, bad[:5]))}; {_label_rule(artifacts)}")
+        raise InputError(f"{where}: labels include {', '.join(map(str, bad[:5]))}; {label_rule(artifacts)}")
     if artifacts.loss == "bce":
         return np.ascontiguousarray(y[:, None], dtype=np.float32)
     return np.ascontiguousarray(y)

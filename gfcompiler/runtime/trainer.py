@@ -32,6 +32,7 @@ from gfcompiler.errors import ArtifactError, InputError, TrainingError
 from gfcompiler.ort_training import error_message, onnxruntime
 from gfcompiler.runtime import device as devices
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
+from gfcompiler.runtime.data import label_rule, valid_labels
 from gfcompiler.runtime.engine import create_engine
 from gfcompiler.runtime.export import export_inference_model, write_inference_model
 from gfcompiler.runtime.losses import class_scores, numpy_loss
@@ -195,13 +196,9 @@ class Trainer:
         if y.ndim == len(spec.shape) - 1:
             y = y[:, None]
         if self.artifacts.num_classes is not None and y.dtype.kind in "iu":
-            classes, ignore = self.artifacts.num_classes, self.artifacts.ignore_index
-            bad = ((y < 0) | (y >= classes)) & (y != ignore)
+            bad = ~valid_labels(y, self.artifacts)
             if bad.any():
-                raise InputError(
-                    f"a batch y has label {int(y[bad].flat[0])}; the model has {classes} classes "
-                    f"(0..{classes - 1})" + (f" and ignores {ignore}" if ignore is not None else "")
-                )
+                raise InputError(f"a batch y has label {int(y[bad].flat[0])}; {label_rule(self.artifacts)}")
         return y
 
     # ------------------------------------------------------------ evaluation
