@@ -204,10 +204,7 @@ class RunDir:
         return Path(name).name, digest, training
 
     def _bad_record(self, error: Exception) -> ArtifactError:
-        return ArtifactError(
-            f"{self.record_path} is corrupted ({type(error).__name__}: {first_line(error)}); "
-            "delete the run directory or pass --overwrite to start over"
-        )
+        return corrupted_record(self.record_path, error)
 
     def _missing(self, path: Path) -> ArtifactError:
         return ArtifactError(f"{path} named by {self.record_path} is missing")
@@ -432,3 +429,9 @@ def _is_training_record(training) -> bool:
     return numbers and isinstance(config, dict) and isinstance(training.get("data", {}), dict)
 
 
+def corrupted_record(record_path: Path, error: Exception) -> ArtifactError:
+    """The refusal of a run directory whose ``state.json`` cannot be used, ``error`` saying why."""
+    return ArtifactError(
+        f"{record_path} is corrupted ({type(error).__name__}: {first_line(error)}); "
+        "delete the run directory or pass --overwrite to start over"
+    )

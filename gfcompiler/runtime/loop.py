@@ -31,9 +31,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from gfcompiler.errors import ArtifactError, InputError, OutputError, TrainingError
+from gfcompiler.errors import InputError, OutputError, TrainingError
 from gfcompiler.runtime.artifacts import Artifacts, open_artifacts
-from gfcompiler.runtime.checkpoints import RECORD_NAME, CheckpointRecord, RunDir, default_run_dir
+from gfcompiler.runtime.checkpoints import RECORD_NAME, CheckpointRecord, RunDir, corrupted_record, default_run_dir
 from gfcompiler.runtime.data import Dataset, Preprocess, epoch_batches, load_dataset, steps_per_epoch
 from gfcompiler.runtime.losses import class_scores, labelled_mask
 from gfcompiler.runtime.metrics import label_classes, predicted_classes
@@ -430,21 +430,14 @@ def _stored_position(record: CheckpointRecord) -> Position:
     try:
         return Position.from_dict(record.training["position"])
     except (KeyError, ValueError) as error:
-        raise _corrupted_record(record, error) from None
-
-
-def _corrupted_record(record: CheckpointRecord, error: Exception) -> ArtifactError:
-    return ArtifactError(
-        f"{record.path.parent / RECORD_NAME} is corrupted ({type(error).__name__}: {error}); "
-        "delete the run directory or pass --overwrite to start over"
-    )
+        raise corrupted_record(record.path.parent / RECORD_NAME, error) from None
 
 
 def _resumed_config(record: CheckpointRecord, given: dict, progress: Progress) -> TrainConfig:
     try:
         stored = TrainConfig.from_dict(record.training.get("config", {}))
     except ValueError as error:
-        raise _corrupted_record(record, error) from None
+        raise corrupted_record(record.path.parent / RECORD_NAME, error) from None
     changed = {k: v for k, v in given.items() if getattr(stored, k) != v}
     for key, value in changed.items():
         progress.message(f"resume: {key} changes from {getattr(stored, key)} to {value}")
