@@ -40,6 +40,7 @@ from gfcompiler.federated.strategies import GuardedStrategy, RoundTraffic, creat
 from gfcompiler.runtime.artifacts import open_artifacts
 from gfcompiler.runtime.checkpoints import CheckpointRecord, RunDir
 from gfcompiler.runtime.data import Dataset
+from gfcompiler.runtime.loop import Position, TrainConfig
 from gfcompiler.runtime.progress import MetricsLog, Progress
 from gfcompiler.runtime.trainer import Trainer
 
@@ -159,8 +160,8 @@ class GlobalModel:
     def _training_record(self, server_round: int) -> dict:
         c = self.config
         return {
-            "config": {"epochs": c.rounds, "batch_size": c.batch_size, "lr": c.lr, "seed": c.seed},
-            "position": {"epoch": server_round, "batch": 0, "global_step": server_round},
+            "config": TrainConfig(epochs=c.rounds, batch_size=c.batch_size, lr=c.lr, seed=c.seed).to_dict(),
+            "position": Position(epoch=server_round, global_step=server_round).to_dict(),
             "data": {"source": " | ".join(c.data), "evaluation": self.evaluation.source},
             "federated": {"round": server_round, "rounds": c.rounds, "clients": c.clients, "strategy": c.strategy,
                           "local_epochs": c.local_epochs, "alpha": c.alpha},
