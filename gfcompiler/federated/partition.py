@@ -93,13 +93,26 @@ def _load(source: str, directory: str) -> Dataset:
     return load_dataset(source, shared_artifacts(directory))
 
 
+@functools.lru_cache(maxsize=8)
+def _held_out(source: str, directory: str, seed: int) -> tuple[Dataset, Dataset]:
+    """``source``'s seeded (rest, held out) split, made once per process."""
+    return holdout_split(_load(source, directory), HOLDOUT_FRACTION, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _shards(config: FederationConfig, partitions: int) -> list[np.ndarray]:
+    """The Dirichlet shards of the one ``--data`` source's pool, drawn once per process."""
+    pool = training_pool(config, config.data[0])
+    return dirichlet_partition(pool.y, partitions, config.alpha, config.seed)
+
+
 def training_pool(config: FederationConfig, source: str) -> Dataset:
     """What the clients of ``source`` share: all of it, its /train split, or what the holdout leaves."""
     if config.val_data:
         return _load(source, config.artifacts)
     if _builtin_whole(source):
         return _load(f"{source}/train", config.artifacts)
-    return holdout_split(_load(source, config.artifacts), HOLDOUT_FRACTION, config.seed)[0]
+    return _held_out(source, config.artifacts, config.seed)[0]
 
 
 def client_data(config: FederationConfig, partition: int, partitions: int, own_source: str | None = None) -> Dataset:
@@ -114,7 +127,7 @@ def client_data(config: FederationConfig, partition: int, partitions: int, own_s
             raise InputError(f"{partitions} partitions for {len(config.data)} data sources")
         return training_pool(config, config.data[partition])
     pool = training_pool(config, config.data[0])
-    shard = dirichlet_partition(pool.y, partitions, config.alpha, config.seed)[partition]
+    shard = _shards(config, partitions)[partition]
     return Dataset(pool.x[shard], pool.y[shard], f"{pool.source} [shard {partition + 1}/{partitions}]", pool.classes)
 
 
@@ -127,7 +140,7 @@ def evaluation_data(config: FederationConfig) -> Dataset:
         if _builtin_whole(source):
             parts.append(_load(f"{source}/test", config.artifacts))
         else:
-            parts.append(holdout_split(_load(source, config.artifacts), HOLDOUT_FRACTION, config.seed)[1])
+            parts.append(_held_out(source, config.artifacts, config.seed)[1])
     if len(parts) == 1:
         return parts[0]
     try:
